@@ -1,0 +1,92 @@
+"""Make auto_LiRPA 0.3 importable and working on torch >= 2.x and numpy 2.
+
+Import `lirpa()` from here instead of importing auto_LiRPA directly: each shim is applied only when
+the running library actually lacks the thing, so a newer auto_LiRPA built from source also works.
+"""
+from __future__ import annotations
+
+import importlib
+import inspect
+import sys
+import types
+from types import ModuleType
+
+_APPLIED: list[str] = []
+
+
+def _shim_numpy_arraysetops() -> None:
+    """numpy 2 removed `numpy.lib.arraysetops`; auto_LiRPA imports `isin` from it."""
+    import numpy
+
+    try:
+        importlib.import_module("numpy.lib.arraysetops")
+        return
+    except ImportError:
+        pass
+    alias = types.ModuleType("numpy.lib.arraysetops")
+    alias.isin = numpy.isin  # type: ignore[attr-defined]
+    sys.modules["numpy.lib.arraysetops"] = alias
+    _APPLIED.append("numpy.lib.arraysetops")
+
+
+def _shim_set_opset_version() -> None:
+    """torch removed `symbolic_helper._set_opset_version`; set the opset on the exporter's GLOBALS."""
+    symbolic_helper = importlib.import_module("torch.onnx.symbolic_helper")
+    if hasattr(symbolic_helper, "_set_opset_version"):
+        return
+    from torch.onnx._internal.torchscript_exporter._globals import GLOBALS
+
+    def _set_opset_version(opset_version: int) -> None:
+        GLOBALS.export_onnx_opset_version = opset_version
+
+    symbolic_helper._set_opset_version = _set_opset_version  # type: ignore[attr-defined]
+    _APPLIED.append("symbolic_helper._set_opset_version")
+
+
+def _shim_node_getitem() -> None:
+    """`torch._C.Node` is no longer subscriptable; route `node[key]` to `_node_get`."""
+    import torch
+
+    symbolic_helper = importlib.import_module("torch.onnx.symbolic_helper")
+    if hasattr(torch._C.Node, "__getitem__"):
+        return
+    torch._C.Node.__getitem__ = lambda node, key: symbolic_helper._node_get(node, key)  # type: ignore
+    _APPLIED.append("torch._C.Node.__getitem__")
+
+
+def _shim_named_members(bound_module_cls: type) -> None:
+    """auto_LiRPA's `_named_members` override lacks torch's newer `remove_duplicate` argument."""
+    original = bound_module_cls._named_members
+    if "remove_duplicate" in inspect.signature(original).parameters:
+        return
+
+    def _named_members(self, get_members_fn, prefix="", recurse=True, remove_duplicate=True):
+        return original(self, get_members_fn, prefix, recurse)
+
+    bound_module_cls._named_members = _named_members
+    _APPLIED.append("BoundedModule._named_members")
+
+
+def lirpa() -> ModuleType:
+    """Return the `auto_LiRPA` module with every needed compatibility shim applied."""
+    if getattr(lirpa, "_done", False):
+        return sys.modules["auto_LiRPA"]
+    _shim_numpy_arraysetops()
+    _shim_set_opset_version()
+    _shim_node_getitem()
+    try:
+        module = importlib.import_module("auto_LiRPA")
+    except ImportError as exc:
+        from .errors import UserError
+
+        raise UserError(
+            f"auto_LiRPA is not importable ({exc}); install it with: pip install --no-deps auto-lirpa==0.3"
+        ) from None
+    _shim_named_members(module.BoundedModule)
+    lirpa._done = True  # type: ignore[attr-defined]
+    return module
+
+
+def applied_shims() -> list[str]:
+    """Names of the shims this process needed (empty on a fully compatible auto_LiRPA)."""
+    return list(_APPLIED)

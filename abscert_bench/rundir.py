@@ -1,0 +1,58 @@
+"""Run directories: created without clobbering anything, written atomically, read back by `table`."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Iterable
+
+from .errors import UserError
+
+
+def create_run_dir(path: Path, force: bool = False, resume: bool = False) -> Path:
+    """Create `path`; an existing one needs `force` (wipe it) or `resume` (keep it)."""
+    if path.exists() and any(path.iterdir()):
+        if resume:
+            return path
+        if not force:
+            raise UserError(f"run directory {path} already exists; pass --force to overwrite or --resume to continue")
+        shutil.rmtree(path)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write JSON atomically."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> Any:
+    """Read JSON, with a one-line error naming the file when it is missing or malformed."""
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"missing {path}") from None
+    except json.JSONDecodeError as exc:
+        raise UserError(f"malformed JSON in {path}: line {exc.lineno}") from None
+
+
+def write_csv(path: Path, rows: Iterable[dict[str, Any]], fieldnames: list[str] | None = None) -> None:
+    """Write rows as CSV atomically."""
+    rows = list(rows)
+    fieldnames = fieldnames or (list(rows[0]) if rows else [])
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fieldnames)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    """Read a CSV into a list of dicts."""
+    with path.open(newline="") as handle:
+        return list(csv.DictReader(handle))

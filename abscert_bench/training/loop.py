@@ -1,0 +1,182 @@
+"""The one training loop, shared by every method, and the AbsCert granularity search."""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ..abstraction import check_eps, check_granularity
+from ..data import Dataset
+from ..errors import UserError
+from ..rundir import write_csv, write_json
+from ..trained import TrainedModel, build_network, save_checkpoint
+from .methods import TrainingMethod, create_method
+from .schedule import Schedule
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run (stored as the run's config.json)."""
+
+    dataset: str
+    model: str
+    method: str
+    eps: float
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 1e-3
+    seed: int = 0
+    activation: str = "relu"
+    warmup_epochs: int = 1
+    ramp_epochs: int = 5
+    kappa_end: float = 0.5
+    method_options: dict[str, Any] = field(default_factory=dict)
+    device: str = "cpu"
+
+    def validate(self) -> None:
+        """Raise UserError on out-of-range values."""
+        check_eps(self.eps)
+        if self.epochs < 1 or self.batch_size < 1 or not (self.lr > 0 and math.isfinite(self.lr)):
+            raise UserError("epochs and batch size must be >= 1 and lr > 0")
+        if "d" in self.method_options:
+            for d in _as_list(self.method_options["d"]):
+                check_granularity(d)
+
+
+def _as_list(value: Any) -> list[Any]:
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def resolve_device(name: str) -> torch.device:
+    """torch.device for `name`; 'cuda' without a GPU is a UserError."""
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name} requested but no CUDA device is available")
+    return torch.device(name)
+
+
+def evaluate(classifier: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1024) -> float:
+    """Clean accuracy of a raw-image classifier."""
+    classifier.eval()
+    correct = 0
+    with torch.no_grad():
+        for start in range(0, len(x), batch_size):
+            correct += int((classifier(x[start:start + batch_size]).argmax(1) == y[start:start + batch_size]).sum())
+    return correct / max(1, len(x))
+
+
+def train_model(
+    config: TrainConfig, method: TrainingMethod, train_x: torch.Tensor, train_y: torch.Tensor,
+    test_x: torch.Tensor, test_y: torch.Tensor, num_classes: int,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
+) -> tuple[TrainedModel, list[dict[str, Any]]]:
+    """Train one network with `method`; returns the model and per-epoch metrics (train time excludes eval)."""
+    device = resolve_device(config.device)
+    torch.manual_seed(config.seed)
+    abstraction = method.abstraction()
+    model_config = {
+        "model": config.model, "input_shape": list(train_x.shape[1:]), "num_classes": num_classes,
+        "activation": config.activation, "abstraction": abstraction.to_dict() if abstraction else None,
+    }
+    network = build_network(model_config).to(device)
+    trained = TrainedModel(network, model_config, abstraction)
+    train_x, train_y = train_x.to(device), train_y.to(device)
+    test_x, test_y = test_x.to(device), test_y.to(device)
+    steps_per_epoch = math.ceil(len(train_x) / config.batch_size)
+    schedule = Schedule(
+        eps=config.eps, total_steps=config.epochs * steps_per_epoch,
+        warmup_steps=config.warmup_epochs * steps_per_epoch, ramp_steps=config.ramp_epochs * steps_per_epoch,
+        kappa_end=config.kappa_end,
+    )
+    method.prepare(network, method.network_input(train_x[:1]))
+    optimizer = torch.optim.Adam(network.parameters(), lr=config.lr)
+    generator = torch.Generator().manual_seed(config.seed)
+    metrics: list[dict[str, Any]] = []
+    step = 0
+    for epoch in range(1, config.epochs + 1):
+        network.train()
+        order = torch.randperm(len(train_x), generator=generator).to(device)
+        total_loss, correct = 0.0, 0
+        start = time.perf_counter()
+        for batch_start in range(0, len(train_x), config.batch_size):
+            idx = order[batch_start:batch_start + config.batch_size]
+            x, y = train_x[idx], train_y[idx]
+            loss, logits = method.loss(network, x, y, schedule, step)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            total_loss += float(loss.detach()) * len(idx)
+            correct += int((logits.detach().argmax(1) == y).sum())
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        train_time = time.perf_counter() - start
+        if not math.isfinite(total_loss):
+            raise UserError(f"training diverged (loss is NaN) at epoch {epoch}; lower --lr")
+        row = {
+            "epoch": epoch, "eps": schedule.eps_at(step - 1), "loss": total_loss / len(train_x),
+            "train_acc": correct / len(train_x), "test_acc": evaluate(trained.classifier(), test_x, test_y),
+            "train_time_s": train_time,
+        }
+        metrics.append(row)
+        if on_epoch is not None:
+            on_epoch(row)
+    network.eval()
+    return trained.to("cpu"), metrics
+
+
+def granularity_search(
+    config: TrainConfig, dataset: Dataset, grid: list[float], validation_fraction: float = 0.1,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
+) -> tuple[float, list[dict[str, Any]]]:
+    """The paper's search: train AbsCert for each d >= 2·eps on a split of train, pick the best paper-check accuracy."""
+    too_fine = [d for d in grid if d < 2 * config.eps - 1e-12]
+    if too_fine:
+        raise UserError(f"granularity search needs every d >= 2*eps = {2 * config.eps}; got {too_fine}")
+    n_val = max(1, int(len(dataset.train_x) * validation_fraction))
+    order = torch.randperm(len(dataset.train_x), generator=torch.Generator().manual_seed(config.seed))
+    val_idx, fit_idx = order[:n_val], order[n_val:]
+    rows = []
+    for d in grid:
+        options = {**config.method_options, "d": d}
+        method = create_method(config.method, config.eps, **options)
+        trained, _ = train_model(
+            config, method, dataset.train_x[fit_idx], dataset.train_y[fit_idx],
+            dataset.train_x[val_idx], dataset.train_y[val_idx], dataset.num_classes, on_epoch,
+        )
+        accuracy = evaluate(trained.classifier(), dataset.train_x[val_idx], dataset.train_y[val_idx])
+        rows.append({"d": d, "validation_paper_accuracy": accuracy})
+    best = max(rows, key=lambda r: (r["validation_paper_accuracy"], r["d"]))
+    return float(best["d"]), rows
+
+
+def run_training(
+    config: TrainConfig, dataset: Dataset, run_dir: Path, on_epoch: Callable[[dict[str, Any]], None] | None = None,
+) -> TrainedModel:
+    """Train (with the granularity search when AbsCert gets several d) and write the run directory."""
+    config.validate()
+    options = dict(config.method_options)
+    search_rows: list[dict[str, Any]] = []
+    grid = _as_list(options.get("d", [])) if config.method == "abscert" else []
+    if len(grid) > 1:
+        best_d, search_rows = granularity_search(config, dataset, [float(d) for d in grid], on_epoch=on_epoch)
+        options["d"] = best_d
+    elif grid:
+        options["d"] = float(grid[0])
+    method = create_method(config.method, config.eps, **options)
+    final_config = TrainConfig(**{**asdict(config), "method_options": options})
+    write_json(run_dir / "config.json", {**asdict(final_config), "method": method.describe()["name"],
+                                         "input_shape": list(dataset.input_shape),
+                                         "num_classes": dataset.num_classes})
+    if search_rows:
+        write_csv(run_dir / "granularity_search.csv", search_rows)
+    trained, metrics = train_model(final_config, method, dataset.train_x, dataset.train_y,
+                                   dataset.test_x, dataset.test_y, dataset.num_classes, on_epoch)
+    trained.extra = {"dataset": config.dataset, "method": method.describe(), "eps": config.eps}
+    write_csv(run_dir / "metrics.csv", metrics)
+    save_checkpoint(trained, run_dir / "checkpoint.pt")
+    return trained

@@ -1,0 +1,121 @@
+"""Verifier protocol: model, images, labels, eps → per-sample verified / falsified / unknown, with time."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+
+from ..errors import UserError
+from ..registry import Registry
+from ..trained import TrainedModel
+
+STATUSES = ("verified", "falsified", "unknown")
+
+
+@dataclass
+class SampleResult:
+    """One sample's answer. `counterexample` (raw image in the ball) is set exactly when falsified."""
+
+    index: int
+    label: int
+    status: str
+    time_s: float
+    decided_by: str = ""
+    counterexample: np.ndarray | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.status not in STATUSES:
+            raise ValueError(f"bad status {self.status!r}")
+
+
+class Verifier:
+    """Base verifier. `meaning` names the question it answers (see DESIGN.md: never conflate them)."""
+
+    name = "verifier"
+    meaning = ""
+    sound = True  # a `verified` answer comes from a sound procedure (the paper check is not)
+
+    def applies_to(self, trained: TrainedModel) -> bool:
+        """Whether this verifier can check this kind of model."""
+        return True
+
+    def verify_batch(
+        self, trained: TrainedModel, x: torch.Tensor, y: torch.Tensor, eps: float
+    ) -> list[tuple[str, np.ndarray | None, dict[str, Any]]]:
+        """(status, counterexample, details) per sample of one batch."""
+        raise NotImplementedError
+
+    def verify(
+        self, trained: TrainedModel, x: torch.Tensor, y: torch.Tensor, eps: float,
+        indices: list[int] | None = None, batch_size: int = 64, progress: Callable[[int], None] | None = None,
+    ) -> list[SampleResult]:
+        """Verify every sample; time per sample is the batch's wall time shared equally."""
+        if not self.applies_to(trained):
+            raise UserError(f"verifier {self.name} does not apply to this model ({self.meaning})")
+        if not torch.isfinite(x).all():
+            raise UserError("images contain NaN or inf")
+        indices = list(range(len(x))) if indices is None else indices
+        results: list[SampleResult] = []
+        for start, stop in batches(len(x), batch_size):
+            t0 = time.perf_counter()
+            answers = self.verify_batch(trained, x[start:stop], y[start:stop], eps)
+            share = (time.perf_counter() - t0) / (stop - start)
+            for offset, (status, cex, details) in enumerate(answers):
+                results.append(SampleResult(
+                    indices[start + offset], int(y[start + offset]), status, share,
+                    self.name if status != "unknown" else "", cex, details,
+                ))
+            if progress is not None:
+                progress(stop - start)
+        return results
+
+
+def batches(n: int, size: int) -> Iterator[tuple[int, int]]:
+    """(start, stop) pairs covering range(n) in chunks of `size`."""
+    for start in range(0, n, size):
+        yield start, min(n, start + size)
+
+
+VERIFIERS: Registry[Callable[..., Verifier]] = Registry("verifier")
+
+
+def create_verifier(name: str, **options: Any) -> Verifier:
+    """Build a verifier by registry name (baselines and the sound AbsCert verifier included)."""
+    import baselines  # noqa: F401  registers auto_LiRPA verifiers
+    from . import sound  # noqa: F401
+
+    return VERIFIERS.get(name)(**options)
+
+
+def all_verifier_names() -> list[str]:
+    """Every registered verifier name."""
+    import baselines  # noqa: F401
+    from . import sound  # noqa: F401
+
+    return VERIFIERS.names()
+
+
+def summarize(results: list[SampleResult]) -> dict[str, Any]:
+    """Counts, fractions and time statistics of a result list."""
+    n = len(results)
+    counts = {s: sum(r.status == s for r in results) for s in STATUSES}
+    times = np.array([r.time_s for r in results]) if results else np.zeros(1)
+    return {
+        "samples": n,
+        **counts,
+        **{f"{s}_fraction": (counts[s] / n if n else 0.0) for s in STATUSES},
+        "time_total_s": float(times.sum()),
+        "time_mean_s": float(times.mean()),
+        "time_median_s": float(np.median(times)),
+        "time_p95_s": float(np.percentile(times, 95)),
+    }
+
+
+def clean_check(classifier: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Boolean mask of samples the classifier gets right on the clean image."""
+    with torch.no_grad():
+        return classifier(x).argmax(1) == y

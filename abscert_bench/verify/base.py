@@ -38,6 +38,7 @@ class Verifier:
     name = "verifier"
     meaning = ""
     sound = True  # a `verified` answer comes from a sound procedure (the paper check is not)
+    attack_only = False  # can only falsify (its accuracy is an upper bound on robust accuracy)
 
     def applies_to(self, trained: TrainedModel) -> bool:
         """Whether this verifier can check this kind of model."""

@@ -36,6 +36,7 @@ class PGDAttack(Verifier):
 
     name = "pgd"
     meaning = "PGD attack: falsified or unknown, never verified (an upper bound on robust accuracy)"
+    attack_only = True
 
     def __init__(self, steps: int = 20, restarts: int = 1) -> None:
         self.steps, self.restarts = steps, restarts

@@ -1,0 +1,248 @@
+"""`abscert-bench`: one verb per step. Errors in user input print one line and exit with status 2."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from .errors import UserError
+
+DEFAULT_METHODS = ["natural", "abscert", "ibp", "crown-ibp"]
+
+
+def _progress(desc: str, total: int):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="sample", leave=False, file=sys.stderr)
+
+
+def _epoch_logger(label: str, epochs: int) -> Callable[[dict[str, Any]], None]:
+    from tqdm import tqdm
+
+    bar = tqdm(total=epochs, desc=f"train {label}", unit="epoch", leave=False, file=sys.stderr)
+
+    def on_epoch(row: dict[str, Any]) -> None:
+        bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['test_acc']:.3f}", eps=f"{row['eps']:.3f}")
+        bar.update(1)
+        if bar.n >= bar.total:
+            bar.reset()
+
+    return on_epoch
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def add_training_args(p: argparse.ArgumentParser, single_method: bool) -> None:
+    """Options shared by `train` and `demo`/`compare`."""
+    p.add_argument("--dataset", default="digits", help="dataset name (default: digits, embedded)")
+    p.add_argument("--model", default="dm_small", help="architecture (fc3, fc5, dm_small, dm_medium, dm_large, lenet5)")
+    p.add_argument("--activation", default="relu", help="relu, sigmoid or tanh")
+    if single_method:
+        p.add_argument("--method", default="abscert", help="natural, abscert, ibp, crown-ibp")
+    else:
+        p.add_argument("--methods", default=",".join(DEFAULT_METHODS), help="comma-separated training methods")
+    p.add_argument("--eps", type=float, default=0.1, help="L∞ radius in raw [0,1] pixel units")
+    p.add_argument("--d", default="0.2", help="AbsCert granularity; a comma list runs the paper's granularity search")
+    p.add_argument("--variant", default="point", help="AbsCert abstraction: point (official code) or region")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup-epochs", type=int, default=1, help="IBP/CROWN-IBP epochs at eps = 0")
+    p.add_argument("--ramp-epochs", type=int, default=5, help="IBP/CROWN-IBP epochs of linear eps ramp-up")
+    p.add_argument("--kappa-end", type=float, default=0.5, help="final weight of the clean loss (IBP/CROWN-IBP)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    p.add_argument("--data-root", default=None, help="data directory (default: $ABSCERT_DATA or ./data)")
+    p.add_argument("--force", action="store_true", help="overwrite existing run directories / results")
+
+
+def base_config(args: argparse.Namespace, method: str):
+    """TrainConfig from parsed arguments."""
+    from .training.loop import TrainConfig
+
+    return TrainConfig(
+        dataset=args.dataset, model=args.model, method=method, eps=args.eps, epochs=args.epochs,
+        batch_size=args.batch_size, lr=args.lr, seed=args.seed, activation=args.activation,
+        warmup_epochs=args.warmup_epochs, ramp_epochs=args.ramp_epochs, kappa_end=args.kappa_end,
+        device=args.device,
+    )
+
+
+def abscert_options(args: argparse.Namespace) -> dict[str, Any]:
+    """AbsCert method options from --d / --variant."""
+    grid = _floats(args.d)
+    return {"d": grid if len(grid) > 1 else grid[0], "variant": args.variant}
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .data import load_dataset
+    from .models import MODELS
+    from .rundir import create_run_dir
+    from .training.loop import run_training
+    from .training.methods import accepted_options
+
+    MODELS.get(args.model)
+    config = base_config(args, args.method)
+    config.method_options = accepted_options(args.method, abscert_options(args))
+    config.validate()
+    dataset = load_dataset(args.dataset, args.data_root)
+    run_dir = create_run_dir(Path(args.out), force=args.force, resume=False)
+    run_training(config, dataset, run_dir, on_epoch=_epoch_logger(args.method, args.epochs))
+    print(f"trained {args.method} {args.model} on {args.dataset}: {run_dir}")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from .verify.run import verify_run
+
+    names = [v for v in args.verifiers.split(",") if v] if args.verifiers else None
+    summaries = verify_run(
+        Path(args.run), verifiers=names, eps=args.eps, limit=args.limit, cascade=args.cascade,
+        batch_size=args.batch_size, device=args.device, force=args.force, data_root=args.data_root,
+        progress_factory=_progress,
+    )
+    for s in summaries:
+        print(f"{s['verifier']:>14}: verified {s['verified']}/{s['samples']}  falsified {s['falsified']}  "
+              f"unknown {s['unknown']}  ({1000 * s['time_mean_s']:.1f} ms/sample)  [{s['meaning']}]")
+    return 0
+
+
+def cmd_table(args: argparse.Namespace) -> int:
+    from .rundir import write_csv
+    from .table import collect, to_csv_rows, to_markdown
+
+    rows = collect([Path(p) for p in args.runs])
+    print(to_markdown(rows), end="")
+    if args.csv:
+        csv_rows, fields = to_csv_rows(rows)
+        write_csv(Path(args.csv), csv_rows, fields)
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .compare import compare
+
+    methods = [m for m in args.methods.split(",") if m]
+    base = base_config(args, methods[0])
+    verifiers = [v for v in args.verifiers.split(",") if v] if args.verifiers else None
+    from .training.methods import accepted_options
+
+    options = {m: accepted_options(m, abscert_options(args)) for m in methods}
+    table = compare(
+        base, methods, options, Path(args.out), verify_limit=args.limit,
+        force=args.force, data_root=args.data_root, verifiers=verifiers,
+        on_epoch_factory=lambda m: _epoch_logger(m, args.epochs), progress_factory=_progress,
+    )
+    print(table, end="")
+    print(f"\nrun directories and table.md / table.csv in {args.out}")
+    return 0
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from .data import dataset_names, load_dataset, resolve_root
+    from .data.prepare import prepare
+
+    if args.data_command == "prepare":
+        for line in prepare(resolve_root(args.root), force=args.force):
+            print(line)
+    else:
+        for name in dataset_names():
+            try:
+                ds = load_dataset(name, args.root)
+                print(f"{name:>14}: {len(ds.train_x)} train / {len(ds.test_x)} test, shape {ds.input_shape}")
+            except UserError as exc:
+                print(f"{name:>14}: not available ({exc})")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .speed import speed_benchmark
+
+    print(speed_benchmark(args.dataset, args.model, args.eps, args.epochs, args.batch_size, args.device,
+                          args.data_root, args.limit_train), end="")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argparse tree: one subcommand per verb."""
+    parser = argparse.ArgumentParser(prog="abscert-bench", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train one model into a run directory")
+    add_training_args(p, single_method=True)
+    p.add_argument("--out", required=True, help="run directory to create")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("verify", help="verify a run's model on its test split")
+    p.add_argument("run", help="run directory")
+    p.add_argument("--verifiers", default=None, help="comma list (default: every applicable verifier)")
+    p.add_argument("--cascade", action="store_true", help="run the verifiers as a cascade, cheap first")
+    p.add_argument("--eps", type=float, default=None, help="default: the run's training eps")
+    p.add_argument("--limit", type=int, default=None, help="verify only the first N test samples")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--force", action="store_true", help="overwrite existing results")
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("table", help="print a Markdown comparison table from run directories")
+    p.add_argument("runs", nargs="+", help="run directories or folders containing them")
+    p.add_argument("--csv", default=None, help="also write the rows as CSV to this file")
+    p.set_defaults(func=cmd_table)
+
+    for name, out, limit, epochs, help_text in (
+        ("compare", None, None, 10, "train every method on the same data/model/eps, verify all, print the table"),
+        ("demo", "runs/demo", 200, 30, "compare on the embedded digits (DM_Small, eps 0.1) in a few minutes"),
+    ):
+        p = sub.add_parser(name, help=help_text)
+        add_training_args(p, single_method=False)
+        p.set_defaults(epochs=epochs, ramp_epochs=max(1, epochs // 3))
+        p.add_argument("--out", default=out, required=out is None, help="folder for the run directories")
+        p.add_argument("--limit", type=int, default=limit, help="verify only the first N test samples")
+        p.add_argument("--verifiers", default=None, help="comma list (default: every applicable verifier)")
+        p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("data", help="prepare or list datasets")
+    data_sub = p.add_subparsers(dest="data_command", required=True)
+    q = data_sub.add_parser("prepare", help="fill the data root from what this environment can reach")
+    q.add_argument("--root", default=None)
+    q.add_argument("--force", action="store_true")
+    q = data_sub.add_parser("list", help="list datasets and whether their files are present")
+    q.add_argument("--root", default=None)
+    p.set_defaults(func=cmd_data)
+
+    p = sub.add_parser("bench", help="per-epoch training time ratios against natural training, one run")
+    p.add_argument("--dataset", default="digits")
+    p.add_argument("--model", default="dm_small")
+    p.add_argument("--eps", type=float, default=0.1)
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--limit-train", type=int, default=None, help="use the first N training images")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--data-root", default=None)
+    p.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point: run the verb; UserError → one line on stderr, exit 2."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as exc:
+        print(f"abscert-bench: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("abscert-bench: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

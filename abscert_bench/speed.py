@@ -1,0 +1,43 @@
+"""Speed benchmark: per-epoch training time of each method relative to natural training, in one run."""
+from __future__ import annotations
+
+import statistics
+
+from .data import load_dataset
+from .training.loop import TrainConfig, train_model
+from .training.methods import create_method
+
+BENCH_METHODS = {"natural": {}, "abscert": {"d": 0.2}, "ibp": {}, "crown-ibp": {}}
+TARGET_ABSCERT_RATIO = 1.05
+
+
+def speed_benchmark(
+    dataset_name: str = "digits", model: str = "dm_small", eps: float = 0.1, epochs: int = 3,
+    batch_size: int = 128, device: str = "cpu", data_root: str | None = None, limit_train: int | None = None,
+) -> str:
+    """Train every method on the same model/data with eps at full strength from the first step; report ratios.
+
+    Methods are interleaved epoch by epoch-block (natural, abscert, ibp, crown-ibp, repeated `epochs` times)
+    so that machine-load drift affects all of them alike; the median epoch time is used.
+    """
+    dataset = load_dataset(dataset_name, data_root)
+    n = len(dataset.train_x) if limit_train is None else min(limit_train, len(dataset.train_x))
+    x, y = dataset.train_x[:n], dataset.train_y[:n]
+    times: dict[str, list[float]] = {m: [] for m in BENCH_METHODS}
+    for repeat in range(epochs):
+        for name, options in BENCH_METHODS.items():
+            config = TrainConfig(dataset_name, model, name, eps, epochs=1, batch_size=batch_size, seed=repeat,
+                                 warmup_epochs=0, ramp_epochs=0, method_options=options, device=device)
+            _, metrics = train_model(config, create_method(name, eps, **options), x, y,
+                                     dataset.test_x[:1], dataset.test_y[:1], dataset.num_classes)
+            times[name].append(metrics[0]["train_time_s"])
+    median = {m: statistics.median(t) for m, t in times.items()}
+    lines = [f"speed benchmark: {dataset_name} ({n} training images), {model}, eps={eps:g}, batch {batch_size}, "
+             f"device {device}, median of {epochs} one-epoch runs per method (interleaved)",
+             "| method | s/epoch | ratio to natural |", "|---|---|---|"]
+    for name, seconds in median.items():
+        lines.append(f"| {name} | {seconds:.3f} | {seconds / median['natural']:.3f} |")
+    ratio = median["abscert"] / median["natural"]
+    verdict = "meets" if ratio <= TARGET_ABSCERT_RATIO else "misses"
+    lines.append(f"abscert/natural = {ratio:.3f} ({verdict} the target <= {TARGET_ABSCERT_RATIO})")
+    return "\n".join(lines) + "\n"

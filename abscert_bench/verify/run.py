@@ -1,0 +1,100 @@
+"""Verify a run directory's model on its dataset's test split; results go under RUN/verify/eps=<eps>/."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from ..abstraction import check_eps
+from ..data import load_dataset
+from ..errors import UserError
+from ..rundir import read_json, write_csv, write_json
+from ..trained import TrainedModel, check_input_shape, load_checkpoint
+from .base import SampleResult, Verifier, all_verifier_names, create_verifier, summarize
+from .cascade import run_cascade
+
+
+def applicable_verifiers(trained: TrainedModel) -> list[str]:
+    """Names of every registered verifier that can check this model."""
+    return [name for name in all_verifier_names() if create_verifier(name).applies_to(trained)]
+
+
+def results_dir(run_dir: Path, eps: float) -> Path:
+    """Where verification results for `eps` live."""
+    return run_dir / "verify" / f"eps={eps:g}"
+
+
+def result_rows(results: list[SampleResult]) -> list[dict[str, Any]]:
+    """Per-sample CSV rows (details flattened with a `detail_` prefix)."""
+    rows = []
+    for r in results:
+        row = {"index": r.index, "label": r.label, "status": r.status, "time_s": f"{r.time_s:.6f}",
+               "decided_by": r.decided_by}
+        row.update({f"detail_{k}": v for k, v in sorted(r.details.items())})
+        rows.append(row)
+    return rows
+
+
+def write_results(out_dir: Path, name: str, meaning: str, sound: bool, attack_only: bool, eps: float,
+                  results: list[SampleResult]) -> dict[str, Any]:
+    """Write per-sample CSV, summary JSON and counterexamples (npz) for one verifier."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = result_rows(results)
+    fields = sorted({k for row in rows for k in row}, key=lambda k: (k.startswith("detail_"), k))
+    fields = [f for f in ["index", "label", "status", "time_s", "decided_by"] if f in fields] + \
+             [f for f in fields if f.startswith("detail_")]
+    write_csv(out_dir / f"{name}.csv", rows, fields)
+    falsified = [r for r in results if r.counterexample is not None]
+    if falsified:
+        tmp = out_dir / f"{name}.counterexamples.tmp.npz"
+        np.savez_compressed(tmp, index=np.array([r.index for r in falsified]),
+                            label=np.array([r.label for r in falsified]),
+                            x_adv=np.stack([r.counterexample for r in falsified]).astype(np.float32),
+                            eps=np.float64(eps))
+        tmp.replace(out_dir / f"{name}.counterexamples.npz")
+    summary = {"verifier": name, "meaning": meaning, "sound": sound, "attack_only": attack_only, "eps": eps,
+               **summarize(results)}
+    write_json(out_dir / f"{name}.json", summary)
+    return summary
+
+
+def verify_run(
+    run_dir: Path, verifiers: list[str] | None = None, eps: float | None = None, limit: int | None = None,
+    cascade: bool = False, batch_size: int = 64, device: str = "cpu", force: bool = False,
+    data_root: str | None = None, progress_factory: Callable[[str, int], Any] | None = None,
+) -> list[dict[str, Any]]:
+    """Run each verifier (or their cascade) on the run's test split and write the results; return summaries."""
+    config = read_json(run_dir / "config.json")
+    trained = load_checkpoint(run_dir / "checkpoint.pt", device)
+    dataset = load_dataset(config["dataset"], data_root)
+    check_input_shape(trained, dataset.input_shape, dataset.name)
+    eps = check_eps(config["eps"] if eps is None else eps)
+    names = verifiers or applicable_verifiers(trained)
+    built: list[Verifier] = [create_verifier(n) for n in names]
+    for v in built:
+        if not v.applies_to(trained):
+            raise UserError(f"verifier {v.name} does not apply to this {config['method']} model ({v.meaning})")
+    n = len(dataset.test_x) if limit is None else min(limit, len(dataset.test_x))
+    x, y = dataset.test_x[:n].to(device), dataset.test_y[:n].to(device)
+    out_dir = results_dir(run_dir, eps)
+    jobs = [("cascade:" + "+".join(names), built)] if cascade else [(v.name, [v]) for v in built]
+    for name, _ in jobs:
+        if (out_dir / f"{name}.json").exists() and not force:
+            raise UserError(f"results {out_dir / (name + '.json')} exist; pass --force to overwrite")
+    summaries = []
+    for name, stages in jobs:
+        bar = progress_factory(name, n) if progress_factory else None
+        update = bar.update if bar is not None else None
+        if len(stages) == 1:
+            results = stages[0].verify(trained, x, y, eps, batch_size=batch_size, progress=update)
+        else:
+            results = run_cascade(stages, trained, x, y, eps, batch_size=batch_size, progress=update)
+        if bar is not None:
+            bar.close()
+        meaning = " > ".join(s.meaning for s in stages) if len(stages) > 1 else stages[0].meaning
+        sound = all(s.sound for s in stages)
+        attack_only = all(s.attack_only for s in stages)
+        summaries.append(write_results(out_dir, name, meaning, sound, attack_only, eps, results))
+    return summaries
+

@@ -29,6 +29,10 @@ def check_granularity(d: float) -> float:
     d = float(d)
     if not math.isfinite(d) or d <= 0 or d > 1:
         raise UserError(f"granularity d must be in (0, 1], got {d}")
+    excess = 1.0 / d - math.floor(1.0 / d)
+    if 1e-9 < excess <= EDGE_TOLERANCE:
+        raise UserError(f"granularity d = {d} leaves a last cell narrower than the edge tolerance; "
+                        f"use d = 1/{math.floor(1.0 / d)} exactly or a d further from it")
     return d
 
 

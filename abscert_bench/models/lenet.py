@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..errors import UserError
 from .registry import MODELS, activation
 
 
@@ -10,6 +11,8 @@ from .registry import MODELS, activation
 def lenet5(channels: int, height: int, width: int, num_classes: int, act: str = "relu") -> nn.Module:
     """LeNet-5: conv6-pool-conv16-pool-fc120-fc84-classifier."""
     h, w = height // 2 // 2, width // 2 // 2
+    if h < 1 or w < 1:
+        raise UserError(f"input too small for lenet5 ({height}×{width}; needs at least 4×4)")
     return nn.Sequential(
         nn.Conv2d(channels, 6, 5, padding=2), activation(act), nn.AvgPool2d(2),
         nn.Conv2d(6, 16, 5, padding=2), activation(act), nn.AvgPool2d(2),

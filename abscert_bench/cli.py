@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -20,13 +21,15 @@ def _progress(desc: str, total: int):
 def _epoch_logger(label: str, epochs: int) -> Callable[[dict[str, Any]], None]:
     from tqdm import tqdm
 
-    bar = tqdm(total=epochs, desc=f"train {label}", unit="epoch", leave=False, file=sys.stderr)
+    bars: list = []
 
     def on_epoch(row: dict[str, Any]) -> None:
-        bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['test_acc']:.3f}", eps=f"{row['eps']:.3f}")
-        bar.update(1)
-        if bar.n >= bar.total:
-            bar.reset()
+        if not bars or bars[-1].n >= epochs:  # a new model (the granularity search trains several)
+            if bars:
+                bars[-1].close()
+            bars.append(tqdm(total=epochs, desc=f"train {label}", unit="epoch", leave=False, file=sys.stderr))
+        bars[-1].set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['test_acc']:.3f}")
+        bars[-1].update(1)
 
     return on_epoch
 
@@ -93,7 +96,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     config.validate()
     dataset = load_dataset(args.dataset, args.data_root)
     run_dir = create_run_dir(Path(args.out), force=args.force, resume=False)
-    run_training(config, dataset, run_dir, on_epoch=_epoch_logger(args.method, args.epochs))
+    try:
+        run_training(config, dataset, run_dir, on_epoch=_epoch_logger(args.method, args.epochs))
+    except BaseException:
+        shutil.rmtree(run_dir, ignore_errors=True)  # never leave a half-written run looking usable
+        raise
     print(f"trained {args.method} {args.model} on {args.dataset}: {run_dir}")
     return 0
 

@@ -17,7 +17,7 @@ def create_run_dir(path: Path, force: bool = False, resume: bool = False) -> Pat
         if resume:
             return path
         if not force:
-            raise UserError(f"run directory {path} already exists; pass --force to overwrite or --resume to continue")
+            raise UserError(f"run directory {path} already exists; pass --force to overwrite it")
         shutil.rmtree(path)
     path.mkdir(parents=True, exist_ok=True)
     return path

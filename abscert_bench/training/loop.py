@@ -46,6 +46,7 @@ class TrainConfig:
         if "d" in self.method_options:
             for d in _as_list(self.method_options["d"]):
                 check_granularity(d)
+        resolve_device(self.device)
 
 
 def _as_list(value: Any) -> list[Any]:

@@ -1,0 +1,289 @@
+"""Export a run directory as a VNN-COMP benchmark folder (onnx/, vnnlib/, instances.csv), with checks.
+
+Layout of a folder:
+
+    README.md            what the encodings mean and the command that regenerates the folder
+    instances.csv        onnx_file,vnnlib_file,timeout_seconds (VNN-COMP; no header)
+    onnx/*.onnx          one network per encoding (batch dimension 1)
+    vnnlib/*.vnnlib      VNN-LIB 1.0, one property per (encoding, image)
+    vnnlib2/*.vnnlib     VNN-LIB 2.0 copies (with --vnnlib2)
+    benchmark.json       metadata: source run, abstraction, per-instance image index/label, check results
+    images.npz           the exported test images (index, label, x), for the run-back's mapping to the run
+
+The folder is written into a temporary sibling and renamed into place, so a partial folder never looks
+complete; an existing target needs `force`.
+"""
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..abstraction import Abstraction, ball, cell_index, cell_lower, check_eps, region_phi
+from ..data import load_dataset
+from ..errors import UserError
+from ..rundir import read_json, write_json
+from ..trained import TrainedModel, check_input_shape, load_checkpoint
+from .onnx_export import ExportableDeployed, check_export, export_onnx, hull_network
+from .vnnlib import check_vnnlib2, format_vnnlib, format_vnnlib2, read_vnnlib, robustness_violation
+
+FORMAT = "abscert-bench-vnncomp/1"
+METADATA = "benchmark.json"
+IMAGES = "images.npz"
+RANDOM_POINTS = 4  # random points per box checked against onnxruntime, besides its two corners and the image
+
+ENCODING_TEXT = {
+    "standard": "the network as trained on raw images; input box = L∞ ball of radius eps around the image, "
+                "clipped to [0,1]",
+    "hull": "AbsCert, sound box encoding without Floor: the network input is the lower-end channels "
+            "(PointHullNetwork, upper = min(lower + d, 1) computed inside) for 'point', or the 2C-channel network "
+            "N over both ends for 'region'; the input box is the hull of the abstract inputs reachable from the "
+            "clipped eps-ball (cells cell_index(lo)..cell_index(hi) → [cell_lower(first), cell_lower(last)] for "
+            "'point'; region_phi at the two ball corners for 'region'). unsat proves the deployed classifier "
+            "robust; a sat witness is only a witness for the hull network (the run-back only reports sat for "
+            "box corners, which are realisable)",
+    "deployed": "AbsCert, exact encoding: the full deployed classifier f(x) = N(phi(x)) with the cell rule "
+                "(Cast double, Div d, Add 2^-16, Floor, Max/Min clamp, Mul d, Cast float) over the clipped "
+                "L∞ ball; unsat ⇔ the deployed classifier is robust on the ball",
+}
+
+
+def hull_box(x: torch.Tensor, abstraction: Abstraction, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hull box (lower, upper) of the abstract network inputs reachable from the clipped eps-ball around x."""
+    lo, hi = ball(x, eps)
+    if abstraction.variant == "point":
+        return cell_lower(cell_index(lo, abstraction.d), abstraction.d), \
+            cell_lower(cell_index(hi, abstraction.d), abstraction.d)
+    return region_phi(lo, abstraction.d, abstraction.eps), region_phi(hi, abstraction.d, abstraction.eps)
+
+
+def pick_images(num_test: int, samples: int, seed: int) -> list[int]:
+    """`samples` distinct test indices chosen by `seed` (sorted)."""
+    if samples < 1:
+        raise UserError(f"--samples must be >= 1, got {samples}")
+    if samples > num_test:
+        raise UserError(f"--samples {samples} exceeds the {num_test} test images")
+    rng = np.random.default_rng(seed)
+    return sorted(int(i) for i in rng.choice(num_test, size=samples, replace=False))
+
+
+def check_timeout(timeout: float, where: str = "--timeout") -> float:
+    """A per-instance timeout must be a finite number > 0."""
+    try:
+        value = float(timeout)
+    except (TypeError, ValueError):
+        raise UserError(f"{where}: timeout {timeout!r} is not a number") from None
+    if not math.isfinite(value) or value <= 0:
+        raise UserError(f"{where}: timeout must be > 0 seconds, got {timeout}")
+    return value
+
+
+def regeneration_command(run_dir: Path, out: Path, samples: int, seed: int, timeout: float, vnnlib2: bool,
+                         data_root: str | Path | None) -> str:
+    """The CLI line that rebuilds this folder."""
+    prefix = f"ABSCERT_DATA={data_root} " if data_root else ""
+    return (f"{prefix}abscert-bench export {run_dir} --out {out} --samples {samples} --seed {seed} "
+            f"--timeout {timeout:g}" + (" --vnnlib2" if vnnlib2 else "") + " --force")
+
+
+def _box_points(lower: torch.Tensor, upper: torch.Tensor, center: torch.Tensor, generator: torch.Generator):
+    """The image (or its abstract point), both box corners and RANDOM_POINTS uniform points of the box."""
+    rand = torch.rand((RANDOM_POINTS, *lower.shape), generator=generator)
+    return torch.cat([center[None], lower[None], upper[None], lower + rand * (upper - lower)])
+
+
+def _edge_images(input_shape: tuple[int, ...], abstraction: Abstraction) -> torch.Tensor:
+    """Images whose pixels are all 256 8-bit levels and floats just around every cell edge."""
+    n = int(np.prod(input_shape))
+    edges = np.arange(0, 1.0 + abstraction.d, abstraction.d)
+    near = np.concatenate([edges, np.nextafter(edges.astype(np.float32), np.float32(2)),
+                           np.nextafter(edges.astype(np.float32), np.float32(-1))])
+    values = np.clip(np.concatenate([np.arange(256) / 255.0, near]), 0, 1).astype(np.float32)
+    count = math.ceil(len(values) / n)
+    padded = np.resize(values, count * n)
+    return torch.from_numpy(padded.reshape(count, *input_shape))
+
+
+def _write_readme(folder: Path, meta: dict[str, Any]) -> None:
+    encodings = "\n".join(f"- `{name}`: {ENCODING_TEXT[name]}." for name in meta["encodings"])
+    checks = meta["checks"]
+    text = f"""# VNN-COMP benchmark exported by abscert-bench
+
+Source run: `{meta['source_run']}` (dataset `{meta['dataset']}`, model `{meta['model_config']['model']}`,
+method `{meta['method']}`{', abstraction ' + str(meta['abstraction']) if meta['abstraction'] else ''}).
+Perturbation: L∞ radius eps = {meta['eps']:g} around each image, clipped to [0, 1].
+Images: {meta['samples']} test images chosen by seed {meta['seed']} (indices in `{METADATA}`).
+Timeout per instance: {meta['timeout']:g} s.
+
+Regenerate this folder with:
+
+    {meta['command']}
+
+## Encodings
+
+{encodings}
+
+Each property is the *violation* of robustness: the input box and a disjunction
+`(or (and (>= Y_j Y_y)) ...)` over the classes j other than the label y. An `unsat` answer proves
+robustness of the image; `sat` comes with a counterexample.
+
+## Files
+
+- `instances.csv`: `onnx_file,vnnlib_file,timeout_seconds` per line (no header).
+- `onnx/`: ONNX opset 13, batch dimension 1; input flattened row-major into X_0 ... X_n.
+- `vnnlib/`: VNN-LIB 1.0 properties.{' `vnnlib2/`: the same properties in VNN-LIB 2.0.' if meta['vnnlib2'] else ''}
+- `{METADATA}`: metadata (source run, abstraction, image index and label per instance, checks).
+- `{IMAGES}`: the exported images.{' `onnx/network.onnx`: the AbsCert network N alone (2C channels), used by the run-back to map deployed instances to the sound AbsCert check; not referenced by instances.csv.' if meta['abstraction'] else ''}
+
+## Checks done at export
+
+- `onnx.checker` (full check) on every ONNX file;
+- onnxruntime (and our own ONNX loader) equal torch within 1e-5 (+1e-5·|y|) on every exported image, both
+  corners and {RANDOM_POINTS} random points of every box{', and on images covering all 256 8-bit levels and floats next to every cell edge (deployed)' if meta['abstraction'] else ''};
+- every VNN-LIB 1.0 file read back by our reader gives exactly the intended box and output condition;
+- VNN-LIB 2.0: {checks['vnnlib2']}.
+
+Run it back with `abscert-bench vnncomp run {meta['folder']}`.
+"""
+    (folder / "README.md").write_text(text)
+
+
+def _prepare_target(out: Path, force: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise UserError(f"export target {out} exists and is not a folder")
+    if out.exists() and any(out.iterdir()) and not force:
+        raise UserError(f"export target {out} already exists; pass --force to overwrite")
+
+
+def _install(tmp: Path, out: Path) -> None:
+    """Move the finished temp folder into place (replacing an old one only now)."""
+    trash = None
+    if out.exists():
+        trash = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, trash)
+    os.replace(tmp, out)
+    if trash is not None:
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+def export_benchmark(run_dir: Path, out: Path, samples: int, seed: int, timeout: float, vnnlib2: bool = False,
+                     force: bool = False, data_root: str | Path | None = None) -> dict[str, Any]:
+    """Export a run directory as a checked VNN-COMP folder at `out`; returns the folder's metadata."""
+    run_dir, out = Path(run_dir), Path(out)
+    timeout = check_timeout(timeout)
+    _prepare_target(out, force)
+    config = read_json(run_dir / "config.json")
+    trained = load_checkpoint(run_dir)
+    dataset = load_dataset(config["dataset"], data_root)
+    check_input_shape(trained, dataset.input_shape, dataset.name)
+    eps = check_eps(config["eps"])
+    indices = pick_images(len(dataset.test_x), samples, seed)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        meta = _export_into(tmp, trained, config, dataset.test_x[indices], dataset.test_y[indices], indices,
+                            eps, timeout, vnnlib2)
+        meta.update({"source_run": str(run_dir), "seed": seed, "samples": samples, "folder": str(out),
+                     "command": regeneration_command(run_dir, out, samples, seed, timeout, vnnlib2, data_root)})
+        write_json(tmp / METADATA, meta)
+        _write_readme(tmp, meta)
+        _prepare_target(out, force)
+        _install(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return meta
+
+
+def _export_into(folder: Path, trained: TrainedModel, config: dict[str, Any], images: torch.Tensor,
+                 labels: torch.Tensor, indices: list[int], eps: float, timeout: float,
+                 vnnlib2: bool) -> dict[str, Any]:
+    """Write onnx/, vnnlib/ (vnnlib2/), instances.csv and images.npz into `folder`; return metadata."""
+    (folder / "onnx").mkdir()
+    (folder / "vnnlib").mkdir()
+    if vnnlib2:
+        (folder / "vnnlib2").mkdir()
+    abstraction = trained.abstraction
+    network = trained.network.eval()
+    shape = tuple(trained.input_shape)
+    generator = torch.Generator().manual_seed(0)
+    checks: dict[str, Any] = {"onnx": {}, "vnnlib": "ok", "vnnlib2": "not exported"}
+    # encoding → (onnx path, torch module, input shape, box function image → (lower, upper, abstract center))
+    encodings: dict[str, tuple[str, torch.nn.Module, tuple[int, ...], Any]] = {}
+    if abstraction is None:
+        encodings["standard"] = ("onnx/model.onnx", network, shape, lambda x: (*ball(x, eps), x))
+    else:
+        hull = hull_network(abstraction, network)
+        hull_shape = (shape[0] * (1 if abstraction.variant == "point" else 2), *shape[1:])
+
+        def hull_fn(x):
+            lower, upper = hull_box(x[None], abstraction, eps)
+            center = hull_box(x[None], abstraction, 0.0)[0] if abstraction.variant == "point" \
+                else abstraction(x[None])
+            return lower[0], upper[0], center[0]
+        encodings["hull"] = ("onnx/hull.onnx", hull, hull_shape, hull_fn)
+        deployed = ExportableDeployed(abstraction, network).eval()
+        encodings["deployed"] = ("onnx/deployed.onnx", deployed, shape, lambda x: (*ball(x, eps), x))
+        export_onnx(network, (2 * shape[0], *shape[1:]), folder / "onnx" / "network.onnx")
+        reference = trained.classifier().eval()
+        with torch.no_grad():
+            edge = _edge_images(shape, abstraction)
+            if not torch.equal(deployed.abstract(edge), abstraction(edge)):
+                raise UserError("exportable cell rule differs from abstraction.cell_index on edge values")
+    instances: list[dict[str, Any]] = []
+    csv_lines = []
+    num_outputs = trained.num_classes
+    for name, (onnx_rel, module, in_shape, box_fn) in encodings.items():
+        export_onnx(module, in_shape, folder / onnx_rel)
+        points = []
+        for position, (x, y, index) in enumerate(zip(images, labels, indices)):
+            lower, upper, center = box_fn(x)
+            points.append(_box_points(lower, upper, center, generator))
+            stem = f"{name}_img{index:05d}"
+            comment = (f"abscert-bench {name} encoding: test image {index}, label {int(y)}, eps {eps:g}\n"
+                       f"unsat proves robustness; see README.md")
+            vnn_rel = f"vnnlib/{stem}.vnnlib"
+            (folder / vnn_rel).write_text(format_vnnlib(lower.numpy(), upper.numpy(), int(y), num_outputs, comment))
+            parsed = read_vnnlib(folder / vnn_rel, int(np.prod(in_shape)), num_outputs)
+            if not parsed.same_as(lower.numpy(), upper.numpy(), robustness_violation(int(y), num_outputs)):
+                raise UserError(f"{folder / vnn_rel}: read back, it differs from the intended property")
+            vnn2_rel = None
+            if vnnlib2:
+                vnn2_rel = f"vnnlib2/{stem}.vnnlib"
+                (folder / vnn2_rel).write_text(
+                    format_vnnlib2(lower.numpy(), upper.numpy(), in_shape, int(y), num_outputs, comment))
+                checks["vnnlib2"] = check_vnnlib2(folder / vnn2_rel, lower.numpy(), upper.numpy(), int(y),
+                                                  num_outputs)
+            csv_lines.append(f"{onnx_rel},{vnn_rel},{timeout:g}")
+            instances.append({"onnx": onnx_rel, "vnnlib": vnn_rel, "vnnlib2": vnn2_rel, "timeout": timeout,
+                              "encoding": name, "index": index, "label": int(y), "position": position})
+        sample_points = torch.cat(points)
+        if name == "deployed":
+            with torch.no_grad():
+                if not torch.allclose(module(sample_points), reference(sample_points), atol=1e-6, rtol=1e-6):
+                    raise UserError("exportable deployed classifier differs from the run's classifier")
+            sample_points = torch.cat([sample_points, _edge_images(shape, abstraction)])
+        checks["onnx"][onnx_rel] = check_export(folder / onnx_rel, module, sample_points.numpy())
+    if abstraction is not None:
+        net_points = torch.rand((4, 2 * shape[0], *shape[1:]), generator=generator)
+        checks["onnx"]["onnx/network.onnx"] = check_export(folder / "onnx" / "network.onnx", network,
+                                                           net_points.numpy())
+    if vnnlib2 and checks["vnnlib2"] == "ok":
+        checks["vnnlib2"] = "every file parsed by the vnnlib package; transform_to_compat gives the same box " \
+                            "and output rows"
+    elif not vnnlib2:
+        checks["vnnlib2"] = "no VNN-LIB 2.0 files exported (use --vnnlib2)"
+    (folder / "instances.csv").write_text("\n".join(csv_lines) + "\n")
+    np.savez_compressed(folder / IMAGES, index=np.array(indices), label=labels.numpy(), x=images.numpy())
+    return {
+        "format": FORMAT, "dataset": config["dataset"], "method": config.get("method"), "eps": eps,
+        "timeout": timeout, "vnnlib2": vnnlib2, "model_config": trained.model_config,
+        "abstraction": abstraction.to_dict() if abstraction else None, "encodings": list(encodings),
+        "network_onnx": "onnx/network.onnx" if abstraction else None, "instances": instances, "checks": checks,
+    }

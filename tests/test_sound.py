@@ -1,0 +1,370 @@
+"""abscert-sound: exact agreement with brute force on tiny networks, soundness laws, re-checks, bad input."""
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from abscert_bench.abstraction import EDGE_TOLERANCE, Abstraction, cell_index, num_cells, reachable_cells
+from abscert_bench.errors import UserError
+from abscert_bench.sound.bounds import HullBounder, fold_gap_form
+from abscert_bench.sound.choices import reachable_options
+from abscert_bench.sound.recheck import recheck_counterexample, recheck_file, save_counterexamples
+from abscert_bench.trained import TrainedModel, build_network, save_checkpoint
+from abscert_bench.verify import create_verifier
+from abscert_bench.verify.base import SampleResult
+
+SHAPE = (1, 3, 3)
+CLASSES = 3
+
+
+class Unfoldable(nn.Module):
+    """Not an nn.Sequential: the bounds must use the explicit gap pre-map."""
+
+    def __init__(self, inputs: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(inputs, 10), nn.ReLU(), nn.Linear(10, CLASSES))
+
+    def forward(self, z):
+        return self.body(z)
+
+
+def tiny_model(seed: int, variant: str, d: float, abs_eps: float = 0.0, kind: str = "fc") -> TrainedModel:
+    """A random small network N on 2C×3×3 abstract inputs, with its abstraction."""
+    torch.manual_seed(seed)
+    c, h, w = SHAPE
+    inputs = 2 * c * h * w
+    if kind == "fc":
+        net = nn.Sequential(nn.Flatten(), nn.Linear(inputs, 12), nn.ReLU(), nn.Linear(12, 12), nn.ReLU(),
+                            nn.Linear(12, CLASSES))
+    elif kind == "conv":
+        net = nn.Sequential(nn.Conv2d(2 * c, 4, 2, padding=1), nn.ReLU(), nn.Flatten(),
+                            nn.Linear(4 * (h + 1) * (w + 1), CLASSES))
+    else:
+        net = Unfoldable(inputs)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.mul_(3.0)
+    abstraction = Abstraction(variant, d, abs_eps)
+    config = {"model": "tiny", "input_shape": list(SHAPE), "num_classes": CLASSES, "activation": "relu",
+              "abstraction": abstraction.to_dict()}
+    return TrainedModel(net.eval(), config, abstraction)
+
+
+def transition_points(abstraction: Abstraction) -> np.ndarray:
+    """Values where the abstraction of a single pixel can change: cell edges, where the cell rule's
+    tolerance moves them (k - 2^-16)·d, shifted by ±eps for 'region'."""
+    d, k = abstraction.d, num_cells(abstraction.d)
+    edges = np.concatenate([np.arange(1, k) * d, (np.arange(1, k) - EDGE_TOLERANCE) * d])
+    if abstraction.variant == "region":
+        edges = np.concatenate([edges - abstraction.eps, edges + abstraction.eps])
+    return edges[(edges > 0) & (edges < 1)]
+
+
+def float32_window(points: np.ndarray, ulps: int = 64) -> np.ndarray:
+    """Every float32 within `ulps` ulps of each point (brute force must see slivers a few ulps wide)."""
+    bits = np.abs(points).astype(np.float32).view(np.int32).astype(np.int64)
+    window = (bits[:, None] + np.arange(-ulps, ulps + 1)[None, :]).clip(0, None)
+    return window.astype(np.int32).view(np.float32).ravel()
+
+
+def safe_images(abstraction: Abstraction, eps: float, n: int, rng) -> torch.Tensor:
+    """Random images whose ball ends stay 1e-4 away from every transition (brute force stays exact)."""
+    edges = transition_points(abstraction)
+    out = []
+    while len(out) < n * int(np.prod(SHAPE)):
+        v = rng.random()
+        ends = np.array([v - eps, v + eps])
+        if edges.size == 0 or np.min(np.abs(ends[:, None] - edges[None, :])) > 1e-4:
+            out.append(v)
+    return torch.tensor(out, dtype=torch.float32).view(n, *SHAPE)
+
+
+def pixel_pairs(abstraction: Abstraction, v: float, eps: float) -> list[tuple[float, float]]:
+    """Brute force: every abstract (lower, upper) a pixel value in the clipped ball can produce."""
+    lo, hi = max(v - eps, 0.0), min(v + eps, 1.0)
+    near = float32_window(transition_points(abstraction))
+    ends = float32_window(np.array([lo, hi]))
+    values = np.concatenate([np.linspace(lo, hi, 401).astype(np.float32), near, ends])
+    values = values[(values.astype(np.float64) >= lo) & (values.astype(np.float64) <= hi)]
+    with torch.no_grad():
+        pairs = abstraction(torch.from_numpy(values).view(1, 1, 1, -1)).view(2, -1).numpy()
+    return sorted(set(zip(pairs[0].tolist(), pairs[1].tolist())))
+
+
+def brute_force(trained: TrainedModel, x: torch.Tensor, y: int, eps: float) -> bool:
+    """True ⇔ N classifies every reachable abstract input as y."""
+    c, h, w = SHAPE
+    per_pixel = [pixel_pairs(trained.abstraction, float(v), eps) for v in x.reshape(-1)]
+    combos = np.array(list(itertools.product(*per_pixel)), dtype=np.float32)  # n × P × 2
+    z = np.concatenate([combos[:, :, 0], combos[:, :, 1]], axis=1).reshape(-1, 2 * c, h, w)
+    with torch.no_grad():
+        predicted = trained.network(torch.from_numpy(z)).argmax(1)
+    return bool((predicted == y).all())
+
+
+def labelled_batch(trained: TrainedModel, eps: float, seed: int, n: int = 6):
+    rng = np.random.default_rng(seed)
+    x = safe_images(trained.abstraction, eps, n, rng)
+    with torch.no_grad():
+        y = trained.classifier()(x).argmax(1)
+    return x, y
+
+
+CONFIGS = [  # (variant, d, eps, abstraction eps, network kind)
+    ("point", 0.2, 0.1, 0.0, "fc"),        # d = 2·eps
+    ("point", 0.25, 0.08, 0.0, "conv"),    # d > 2·eps, conv first layer (folded)
+    ("point", 0.2, 0.15, 0.0, "fc"),       # d < 2·eps: up to three cells per pixel
+    ("point", 0.3, 0.1, 0.0, "unfoldable"),  # d does not divide 1 (clipped last cell), pre-map path
+    ("region", 0.2, 0.1, 0.1, "fc"),
+    ("region", 0.25, 0.15, 0.05, "conv"),  # d < 2·eps
+]
+MODES = {
+    "default": {},
+    "bab": {"enumerate_limit": 0, "attack": False},
+    "bab-ibp": {"enumerate_limit": 0, "attack": False, "bound_method": "ibp"},
+}
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"{c[0]}-d{c[1]}-eps{c[2]}-{c[4]}")
+def test_agrees_with_brute_force(config):
+    variant, d, eps, abs_eps, kind = config
+    seen = set()
+    for seed in range(3):
+        trained = tiny_model(seed, variant, d, abs_eps, kind)
+        x, y = labelled_batch(trained, eps, seed)
+        truth = [brute_force(trained, x[i], int(y[i]), eps) for i in range(len(x))]
+        for mode, options in MODES.items():
+            results = create_verifier("abscert-sound", **options).verify(trained, x, y, eps)
+            for i, result in enumerate(results):
+                assert result.status == ("verified" if truth[i] else "falsified"), (seed, mode, i, result.details)
+                seen.add(result.status)
+                if result.status == "falsified":
+                    ok, message = recheck_counterexample(trained, x[i], int(y[i]), eps, result.counterexample)
+                    assert ok, message
+                if mode != "default":
+                    assert result.details["stage"] in ("clean", "bounds", "bab"), result.details
+    assert seen == {"verified", "falsified"}, "the configuration should produce both answers"
+
+
+def sample_ball(abstraction: Abstraction, x: torch.Tensor, eps: float, rng, count: int) -> torch.Tensor:
+    """Concrete images in the clipped ball: uniform, ball ends, and pixels on transition points."""
+    flat = x.reshape(-1).double().numpy()
+    lo, hi = np.clip(flat - eps, 0, 1), np.clip(flat + eps, 0, 1)
+    edges = transition_points(abstraction)
+    out = []
+    for k in range(count):
+        kind = k % 3
+        if kind == 0:
+            v = lo + (hi - lo) * rng.random(flat.size)
+        elif kind == 1:
+            v = np.where(rng.random(flat.size) < 0.5, lo, hi)
+        else:
+            v = flat.copy()
+            for i in range(flat.size):
+                inside = edges[(edges >= lo[i]) & (edges <= hi[i])]
+                if inside.size:
+                    v[i] = rng.choice(inside)
+        v32 = v.astype(np.float32)
+        v32 = np.where(np.abs(v32.astype(np.float64) - flat) > eps, flat.astype(np.float32), v32)
+        out.append(v32.reshape(x.shape))
+    return torch.from_numpy(np.stack(out))
+
+
+@pytest.mark.parametrize("variant,d,eps,abs_eps", [("point", 0.2, 0.1, 0.0), ("point", 0.2, 0.15, 0.0),
+                                                    ("region", 0.2, 0.1, 0.1)])
+def test_soundness_law(variant, d, eps, abs_eps):
+    """Never verified in one configuration and falsified in another; verified ⇒ every sampled x' gives y."""
+    rng = np.random.default_rng(7)
+    for seed in range(3):
+        trained = tiny_model(100 + seed, variant, d, abs_eps)
+        x = torch.from_numpy(rng.random((8, *SHAPE)).astype(np.float32))
+        x[:, :, 0, 0] = 0.2 - 1e-3  # a pixel right below an edge and one on it
+        x[:, :, 1, 1] = 0.2
+        with torch.no_grad():
+            y = trained.classifier()(x).argmax(1)
+        answers = [create_verifier("abscert-sound", **opts).verify(trained, x, y, eps) for opts in MODES.values()]
+        for i in range(len(x)):
+            statuses = {a[i].status for a in answers}
+            assert not {"verified", "falsified"} <= statuses
+            if "verified" in statuses:
+                concrete = sample_ball(trained.abstraction, x[i], eps, rng, 150)
+                with torch.no_grad():
+                    assert bool((trained.classifier()(concrete).argmax(1) == y[i]).all())
+
+
+def edge_model() -> TrainedModel:
+    """N predicts class 1 exactly when pixel 0's abstract lower end is >= 0.1 (cell >= 1 for d = 0.2)."""
+    c, h, w = SHAPE
+    net = nn.Sequential(nn.Flatten(), nn.Linear(2 * c * h * w, 2))
+    with torch.no_grad():
+        net[1].weight.zero_()
+        net[1].bias.copy_(torch.tensor([0.1, -0.1]))
+        net[1].weight[0, 0], net[1].weight[1, 0] = -1.0, 1.0
+    abstraction = Abstraction("point", 0.2)
+    config = {"model": "tiny", "input_shape": list(SHAPE), "num_classes": 2, "abstraction": abstraction.to_dict()}
+    return TrainedModel(net.eval(), config, abstraction)
+
+
+def test_paper_check_verifies_what_the_sound_check_falsifies():
+    trained = edge_model()
+    x = torch.full((1, *SHAPE), 0.5)
+    x[0, 0, 0, 0] = 0.19  # cell 0, but 0.19 + eps crosses the edge at 0.2
+    y = torch.tensor([0])
+    eps = 0.05  # d = 0.2 >= 2·eps: the paper's criterion applies
+    paper = create_verifier("abscert-paper").verify(trained, x, y, eps)[0]
+    sound = create_verifier("abscert-sound").verify(trained, x, y, eps)[0]
+    assert paper.status == "verified"
+    assert sound.status == "falsified"
+    ok, message = recheck_counterexample(trained, x[0], 0, eps, sound.counterexample)
+    assert ok, message
+    assert sound.counterexample[0, 0, 0] >= 0.19 and cell_index(sound.counterexample[0, 0, 0], 0.2) == 1
+    # far from the edge both agree
+    x[0, 0, 0, 0] = 0.05
+    assert create_verifier("abscert-sound").verify(trained, x, y, eps)[0].status == "verified"
+
+
+def test_options_match_the_cell_rule_on_8bit_levels():
+    levels = torch.arange(256, dtype=torch.float32).div(255).view(1, 1, 16, 16)
+    for d, eps in [(0.2, 0.1), (0.1, 0.1), (0.3, 0.05), (0.2, 4 / 255)]:
+        abstraction = Abstraction("point", d)
+        options = reachable_options(abstraction, levels, eps)
+        first, last = (t.view(-1).numpy() for t in reachable_cells(levels, d, eps))
+        assert (options.count[0] >= last - first + 1).all()
+        for p in range(256):
+            for j in range(options.count[0, p]):
+                value = options.value[0, p, j]
+                assert abs(float(value) - float(levels.view(-1)[p])) <= eps + 1e-7
+                with torch.no_grad():
+                    pair = abstraction(torch.tensor(value).view(1, 1, 1, 1)).view(-1)
+                assert (float(pair[0]), float(pair[1])) == (options.lower[0, p, j], options.upper[0, p, j])
+
+
+def test_gap_form_is_exact_on_vertices():
+    """The bounded network equals N on every reachable abstract input (no float32 relu-form drift)."""
+    trained = tiny_model(3, "point", 0.2)
+    x, y = labelled_batch(trained, 0.1, 3, n=2)
+    options = reachable_options(trained.abstraction, x, 0.1)
+    bounder = HullBounder(trained)
+    assert bounder.folded and fold_gap_form(nn.Sequential(nn.Identity()), 1) is None
+    choice = np.minimum(options.count - 1, 1)
+    for s in range(2):
+        first = choice[s][None]
+        result = bounder.bound(options, np.array([s]), first, first, y[s:s + 1])
+        z = torch.from_numpy(options.abstract(s, choice[s]))[None]
+        with torch.no_grad():
+            logits = trained.network(z)[0]
+        others = [j for j in range(CLASSES) if j != int(y[s])]
+        exact = logits[int(y[s])] - logits[others]
+        assert torch.allclose(result.margins[0], exact, atol=1e-5)
+
+
+def test_clean_misclassified_is_falsified_with_the_image():
+    trained = tiny_model(0, "point", 0.2)
+    x, y = labelled_batch(trained, 0.1, 0, n=2)
+    wrong = (y + 1) % CLASSES
+    results = create_verifier("abscert-sound").verify(trained, x, wrong, 0.1)
+    for i, result in enumerate(results):
+        assert result.status == "falsified" and result.details["stage"] == "clean"
+        assert np.array_equal(result.counterexample, x[i].numpy())
+
+
+def test_details_and_protocol():
+    trained = tiny_model(1, "point", 0.2)
+    x, y = labelled_batch(trained, 0.1, 1, n=4)
+    verifier = create_verifier("abscert-sound", timeout=5)
+    results = verifier.verify(trained, x, y, 0.1, indices=[10, 11, 12, 13])
+    assert [r.index for r in results] == [10, 11, 12, 13]
+    for r in results:
+        assert isinstance(r, SampleResult) and r.time_s >= 0
+        assert {"choice_pixels", "branches", "stage", "attack_s", "bounds_s", "bab_s"} <= set(r.details)
+        assert (r.counterexample is not None) == (r.status == "falsified")
+    assert [a[0] for a in verifier.verify_batch(trained, x, y, 0.1)] == [r.status for r in results]
+    assert verifier.sound and verifier.name == "abscert-sound"
+
+
+def test_timeout_gives_unknown():
+    trained = tiny_model(2, "point", 0.2, kind="fc")
+    x = torch.full((1, *SHAPE), 0.5)  # every pixel a choice pixel (0.5 ± 0.15 spans an edge)
+    with torch.no_grad():
+        y = trained.classifier()(x).argmax(1)
+    verifier = create_verifier("abscert-sound", timeout=1e-9, enumerate_limit=0, attack=False, bound_method="ibp")
+    result = verifier.verify(trained, x, y, 0.15)[0]
+    assert result.status in ("unknown", "verified")  # IBP may still prove it at the root
+    if result.status == "unknown":
+        assert result.details["stage"] == "timeout"
+
+
+def test_bad_input():
+    trained = tiny_model(0, "point", 0.2)
+    x, y = labelled_batch(trained, 0.1, 0, n=2)
+    verifier = create_verifier("abscert-sound")
+    for eps in (-0.1, 1.5, float("nan")):
+        with pytest.raises(UserError):
+            verifier.verify(trained, x, y, eps)
+    bad = x.clone()
+    bad[0, 0, 0, 0] = float("nan")
+    with pytest.raises(UserError):
+        verifier.verify(trained, bad, y, 0.1)
+    with pytest.raises(UserError):
+        verifier.verify(trained, x.repeat(1, 2, 1, 1), y, 0.1)  # wrong channel count
+    with pytest.raises(UserError):
+        verifier.verify(trained, x * 2, y, 0.1)  # pixels outside [0,1]
+    with pytest.raises(UserError):
+        Abstraction("point", 0.0)
+    broken = tiny_model(0, "point", 0.2)
+    object.__setattr__(broken.abstraction, "d", -1.0)
+    with pytest.raises(UserError):
+        verifier.verify(broken, x, y, 0.1)
+    standard = TrainedModel(trained.network, {**trained.model_config, "abstraction": None}, None)
+    with pytest.raises(UserError):
+        verifier.verify(standard, x, y, 0.1)
+    for options in ({"timeout": 0}, {"bound_method": "nope"}, {"enumerate_limit": -1}):
+        with pytest.raises(UserError):
+            create_verifier("abscert-sound", **options)
+
+
+def test_recheck_rejects_non_counterexamples():
+    trained = edge_model()
+    x = torch.full(SHAPE, 0.5)
+    x[0, 0, 0] = 0.19
+    good = x.clone()
+    good[0, 0, 0] = 0.2
+    assert recheck_counterexample(trained, x, 0, 0.05, good)[0]
+    assert not recheck_counterexample(trained, x, 0, 0.05, x)[0]  # classified correctly
+    far = good.clone()
+    far[0, 1, 1] = 0.6  # outside the ball
+    assert "outside the ball" in recheck_counterexample(trained, x, 0, 0.05, far)[1]
+    assert not recheck_counterexample(trained, x, 0, 0.0099, good)[0]
+    assert not recheck_counterexample(trained, x, 0, 0.05, good[None])[0]  # wrong shape
+
+
+def test_counterexample_file_round_trip(tmp_path):
+    abstraction = Abstraction("point", 0.2)
+    config = {"model": "fc3", "input_shape": list(SHAPE), "num_classes": CLASSES, "activation": "relu",
+              "abstraction": abstraction.to_dict()}
+    torch.manual_seed(0)
+    network = build_network(config).eval()
+    trained = TrainedModel(network, config, abstraction)
+    checkpoint = tmp_path / "checkpoint.pt"
+    save_checkpoint(trained, checkpoint)
+    x, y = labelled_batch(trained, 0.15, 5, n=8)
+    results = create_verifier("abscert-sound").verify(trained, x, y, 0.15)
+    written = save_counterexamples(tmp_path / "cex.npz", results, x, 0.15)
+    assert written == sum(r.status == "falsified" for r in results)
+    report = recheck_file(checkpoint, tmp_path / "cex.npz")
+    assert len(report) == written and all(row["ok"] for row in report)
+    # a tampered counterexample fails
+    data = dict(np.load(tmp_path / "cex.npz"))
+    if written:
+        data["x_adv"] = data["x"].copy()
+        np.savez(tmp_path / "bad.npz", **data)
+        assert not any(row["ok"] for row in recheck_file(checkpoint, tmp_path / "bad.npz"))
+    np.savez(tmp_path / "partial.npz", index=np.zeros(1))
+    with pytest.raises(UserError):
+        recheck_file(checkpoint, tmp_path / "partial.npz")
+    with pytest.raises(UserError):
+        recheck_file(checkpoint, tmp_path / "missing.npz")

@@ -176,6 +176,43 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from .vnncomp import export_benchmark
+
+    meta = export_benchmark(Path(args.run), Path(args.out), samples=args.samples, seed=args.seed,
+                            timeout=args.timeout, vnnlib2=args.vnnlib2, force=args.force, data_root=args.data_root)
+    print(f"exported {len(meta.get('instances', []))} instances to {args.out}")
+    return 0
+
+
+def cmd_vnncomp_run(args: argparse.Namespace) -> int:
+    from .vnncomp import run_benchmark
+
+    folder = Path(args.folder)
+    out_csv = Path(args.out) if args.out else folder / "results.csv"
+    if out_csv.exists() and not args.force:
+        raise UserError(f"{out_csv} exists; pass --force to overwrite it")
+    rows = run_benchmark(folder, out_csv, bound_method=args.bound_method)
+    counts: dict[str, int] = {}
+    for row in rows:
+        counts[row["result"]] = counts.get(row["result"], 0) + 1
+    print(f"{len(rows)} instances: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) + f"  → {out_csv}")
+    return 0
+
+
+def cmd_recheck(args: argparse.Namespace) -> int:
+    from .sound.recheck import recheck_file
+
+    report = recheck_file(Path(args.checkpoint), Path(args.counterexamples))
+    for row in report:
+        print(f"sample {row['index']} (label {row['label']}): {'ok' if row['ok'] else 'FAILED'} — {row['message']}")
+    failures = sum(not row["ok"] for row in report)
+    print(f"{len(report) - failures}/{len(report)} counterexamples re-check")
+    if failures:
+        raise UserError(f"{failures} counterexample(s) in {args.counterexamples} do not re-check")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argparse tree: one subcommand per verb."""
     parser = argparse.ArgumentParser(prog="abscert-bench", description=__doc__)
@@ -223,6 +260,31 @@ def build_parser() -> argparse.ArgumentParser:
     q = data_sub.add_parser("list", help="list datasets and whether their files are present")
     q.add_argument("--root", default=None)
     p.set_defaults(func=cmd_data)
+
+    p = sub.add_parser("recheck", help="re-check saved counterexamples independently of the verifier")
+    p.add_argument("checkpoint", help="checkpoint.pt or run directory")
+    p.add_argument("counterexamples", help="<verifier>.counterexamples.npz written by verify")
+    p.set_defaults(func=cmd_recheck)
+
+    p = sub.add_parser("export", help="export a run as a VNN-COMP benchmark folder (onnx/, vnnlib/, instances.csv)")
+    p.add_argument("run", help="run directory")
+    p.add_argument("--out", required=True, help="benchmark folder to create")
+    p.add_argument("--samples", type=int, default=5, help="number of test images")
+    p.add_argument("--seed", type=int, default=0, help="seed that picks the test images")
+    p.add_argument("--timeout", type=float, default=60.0, help="per-instance timeout (s) in instances.csv")
+    p.add_argument("--vnnlib2", action="store_true", help="also write VNN-LIB 2.0 copies")
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--force", action="store_true", help="replace an existing folder")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("vnncomp", help="VNN-COMP benchmark folders")
+    vnn_sub = p.add_subparsers(dest="vnncomp_command", required=True)
+    q = vnn_sub.add_parser("run", help="verify every instance of a folder; VNN-COMP result files + summary CSV")
+    q.add_argument("folder")
+    q.add_argument("--out", default=None, help="summary CSV (default FOLDER/results.csv)")
+    q.add_argument("--bound-method", default="crown", help="auto_LiRPA method for hull/standard instances")
+    q.add_argument("--force", action="store_true", help="overwrite existing results")
+    q.set_defaults(func=cmd_vnncomp_run)
 
     p = sub.add_parser("bench", help="per-epoch training time ratios against natural training, one run")
     p.add_argument("--dataset", default="digits")

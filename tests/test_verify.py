@@ -139,6 +139,7 @@ def test_verify_run_writes_results_and_refuses_overwrite(runs):
     assert (out / "pgd.counterexamples.npz").exists()
     cex = np.load(out / "pgd.counterexamples.npz")
     assert len(cex["index"]) == summaries[1]["falsified"]
+    assert np.abs(cex["x_adv"] - cex["x"]).max() <= 0.1 + 1e-6
     with pytest.raises(UserError, match="--force"):
         verify_run(run_dir, verifiers=["ibp"], limit=20)
     verify_run(run_dir, verifiers=["ibp"], limit=10, force=True)

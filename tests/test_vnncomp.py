@@ -45,6 +45,12 @@ STATUS_OF = {"unsat": "verified", "sat": "falsified", "unknown": "unknown", "tim
 
 
 @pytest.fixture(scope="module")
+def digits():
+    """The embedded digits dataset (own fixture: independent of conftest.py)."""
+    return load_dataset("digits")
+
+
+@pytest.fixture(scope="module")
 def vnn_runs(tmp_path_factory, digits):
     """One tiny fc3 run directory per kind of model (one epoch on the embedded digits)."""
     root = tmp_path_factory.mktemp("runs")

@@ -4,12 +4,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
-
 from ..abstraction import check_eps
 from ..data import load_dataset
 from ..errors import UserError
 from ..rundir import read_json, write_csv, write_json
+from ..sound.recheck import save_counterexamples
 from ..trained import TrainedModel, check_input_shape, load_checkpoint
 from .base import SampleResult, Verifier, all_verifier_names, create_verifier, summarize
 from .cascade import run_cascade
@@ -37,7 +36,7 @@ def result_rows(results: list[SampleResult]) -> list[dict[str, Any]]:
 
 
 def write_results(out_dir: Path, name: str, meaning: str, sound: bool, attack_only: bool, eps: float,
-                  results: list[SampleResult]) -> dict[str, Any]:
+                  results: list[SampleResult], x_by_index: Any) -> dict[str, Any]:
     """Write per-sample CSV, summary JSON and counterexamples (npz) for one verifier."""
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = result_rows(results)
@@ -45,14 +44,8 @@ def write_results(out_dir: Path, name: str, meaning: str, sound: bool, attack_on
     fields = [f for f in ["index", "label", "status", "time_s", "decided_by"] if f in fields] + \
              [f for f in fields if f.startswith("detail_")]
     write_csv(out_dir / f"{name}.csv", rows, fields)
-    falsified = [r for r in results if r.counterexample is not None]
-    if falsified:
-        tmp = out_dir / f"{name}.counterexamples.tmp.npz"
-        np.savez_compressed(tmp, index=np.array([r.index for r in falsified]),
-                            label=np.array([r.label for r in falsified]),
-                            x_adv=np.stack([r.counterexample for r in falsified]).astype(np.float32),
-                            eps=np.float64(eps))
-        tmp.replace(out_dir / f"{name}.counterexamples.npz")
+    if any(r.counterexample is not None for r in results):
+        save_counterexamples(out_dir / f"{name}.counterexamples.npz", results, x_by_index, eps)
     summary = {"verifier": name, "meaning": meaning, "sound": sound, "attack_only": attack_only, "eps": eps,
                **summarize(results)}
     write_json(out_dir / f"{name}.json", summary)
@@ -95,6 +88,6 @@ def verify_run(
         meaning = " > ".join(s.meaning for s in stages) if len(stages) > 1 else stages[0].meaning
         sound = all(s.sound for s in stages)
         attack_only = all(s.attack_only for s in stages)
-        summaries.append(write_results(out_dir, name, meaning, sound, attack_only, eps, results))
+        summaries.append(write_results(out_dir, name, meaning, sound, attack_only, eps, results, x.cpu()))
     return summaries
 

@@ -54,7 +54,8 @@ def run_rows(run_dir: Path) -> list[dict[str, Any]]:
         return [{**base, "eps": config["eps"]}]
     rows = []
     for eps_dir in eps_dirs:
-        row = {**base, "eps": float(eps_dir.name.split("=", 1)[1])}
+        fields = dict(part.split("=", 1) for part in eps_dir.name.split(","))
+        row = {**base, "eps": float(fields["eps"])}
         for summary_path in sorted(eps_dir.glob("*.json")):
             summary = json.loads(summary_path.read_text())
             name = summary["verifier"]
@@ -104,8 +105,11 @@ def to_markdown(rows: list[dict[str, Any]]) -> str:
         headers.append("paper-accepted, sound-falsified")
     headers.append("train s/epoch")
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    for row in sorted(rows, key=lambda r: (r["dataset"], r["model"], r["eps"], r["method"])):
-        samples = max((row[k] for k in row if k.endswith(":samples")), default="–")
+    def samples_of(row: dict[str, Any]) -> int:
+        return max((row[k] for k in row if k.endswith(":samples")), default=0)
+
+    for row in sorted(rows, key=lambda r: (r["dataset"], r["model"], r["eps"], r["method"], samples_of(r))):
+        samples = samples_of(row) or "–"
         cells = [row["dataset"], row["model"], f"{row['eps']:g}", row["method"], str(samples),
                  _pct(row["clean_acc"])]
         for v in verifiers:
@@ -117,7 +121,8 @@ def to_markdown(rows: list[dict[str, Any]]) -> str:
             cells.append(str(row.get("paper_accepted_sound_falsified", "–")))
         cells.append(f"{row['train_s_per_epoch']:.2f}")
         lines.append("| " + " | ".join(cells) + " |")
-    notes = ["", "Clean accuracy is on the whole test split; verifier columns on the first `samples` test images. "
+    notes = ["", "Clean accuracy is on the whole test split; verifier columns on the first `samples` test images "
+             "(a run verified on several prefixes has one row each). "
              "Meanings: "
              + "; ".join(f"**{VERIFIER_TITLES.get(v, v)}**" for v in verifiers) + " (see README).",
              "PGD can only falsify: its column is the attack's accuracy, an upper bound on robust accuracy."]

@@ -21,6 +21,15 @@ SHAPE = (1, 3, 3)
 CLASSES = 3
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The networks here are tiny: intra-op threads only add synchronisation overhead."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 class Unfoldable(nn.Module):
     """Not an nn.Sequential: the bounds must use the explicit gap pre-map."""
 
@@ -124,20 +133,27 @@ CONFIGS = [  # (variant, d, eps, abstraction eps, network kind)
 ]
 MODES = {
     "default": {},
-    "bab": {"enumerate_limit": 0, "attack": False},
-    "bab-ibp": {"enumerate_limit": 0, "attack": False, "bound_method": "ibp"},
+    "bab": {"enumerate_limit": 0, "attack": False},  # no enumeration, no attack: bounds and BaB decide
 }
+EXTRA_MODES = {
+    # BaB driven by loose IBP bounds: deep trees whose leaves are single abstract inputs.
+    "ibp": {"enumerate_limit": 0, "attack": False, "bound_method": "ibp"},
+    "alpha": {"enumerate_limit": 0, "attack": False, "bound_method": "alpha-crown"},
+}
+EXTRA = [CONFIGS[0] + ("ibp",), CONFIGS[1] + ("ibp",), CONFIGS[0] + ("alpha",), CONFIGS[4] + ("alpha",)]
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"{c[0]}-d{c[1]}-eps{c[2]}-{c[4]}")
+@pytest.mark.parametrize("config", CONFIGS + EXTRA,
+                         ids=lambda c: f"{c[0]}-d{c[1]}-eps{c[2]}-{c[4]}" + (f"-{c[5]}" if len(c) > 5 else ""))
 def test_agrees_with_brute_force(config):
-    variant, d, eps, abs_eps, kind = config
+    variant, d, eps, abs_eps, kind = config[:5]
+    modes = {config[5]: EXTRA_MODES[config[5]]} if len(config) > 5 else MODES
     seen = set()
     for seed in range(3):
         trained = tiny_model(seed, variant, d, abs_eps, kind)
         x, y = labelled_batch(trained, eps, seed)
         truth = [brute_force(trained, x[i], int(y[i]), eps) for i in range(len(x))]
-        for mode, options in MODES.items():
+        for mode, options in modes.items():
             results = create_verifier("abscert-sound", **options).verify(trained, x, y, eps)
             for i, result in enumerate(results):
                 assert result.status == ("verified" if truth[i] else "falsified"), (seed, mode, i, result.details)
@@ -186,7 +202,8 @@ def test_soundness_law(variant, d, eps, abs_eps):
         x[:, :, 1, 1] = 0.2
         with torch.no_grad():
             y = trained.classifier()(x).argmax(1)
-        answers = [create_verifier("abscert-sound", **opts).verify(trained, x, y, eps) for opts in MODES.values()]
+        answers = [create_verifier("abscert-sound", **opts).verify(trained, x, y, eps)
+                   for opts in (*MODES.values(), {"attack": False})]
         for i in range(len(x)):
             statuses = {a[i].status for a in answers}
             assert not {"verified", "falsified"} <= statuses
@@ -340,6 +357,23 @@ def test_recheck_rejects_non_counterexamples():
     assert "outside the ball" in recheck_counterexample(trained, x, 0, 0.05, far)[1]
     assert not recheck_counterexample(trained, x, 0, 0.0099, good)[0]
     assert not recheck_counterexample(trained, x, 0, 0.05, good[None])[0]  # wrong shape
+
+
+def test_trained_digits_model(runs, digits):
+    """On a trained AbsCert model: re-checked counterexamples; sound-verified ⇒ paper-verified (d >= 2·eps)."""
+    from abscert_bench.trained import load_checkpoint
+
+    trained = load_checkpoint(runs["abscert"])
+    x, y = digits.test_x[:24], digits.test_y[:24]
+    sound = create_verifier("abscert-sound", timeout=3).verify(trained, x, y, 0.1)
+    paper = create_verifier("abscert-paper").verify(trained, x, y, 0.1)
+    for s, p in zip(sound, paper):
+        if s.status == "verified":
+            assert p.status == "verified"
+        if s.status == "falsified":
+            ok, message = recheck_counterexample(trained, x[s.index], int(y[s.index]), 0.1, s.counterexample)
+            assert ok, message
+    assert any(s.status != "unknown" for s in sound)
 
 
 def test_counterexample_file_round_trip(tmp_path):

@@ -131,7 +131,7 @@ def test_unknown_verifier_lists_valid_names():
 def test_verify_run_writes_results_and_refuses_overwrite(runs):
     run_dir = runs["natural"]
     summaries = verify_run(run_dir, verifiers=["ibp", "pgd"], limit=20)
-    out = run_dir / "verify" / "eps=0.1"
+    out = run_dir / "verify" / "eps=0.1,first=20"
     for name in ("ibp", "pgd"):
         summary = json.loads((out / f"{name}.json").read_text())
         assert summary["samples"] == 20
@@ -142,8 +142,10 @@ def test_verify_run_writes_results_and_refuses_overwrite(runs):
     assert np.abs(cex["x_adv"] - cex["x"]).max() <= 0.1 + 1e-6
     with pytest.raises(UserError, match="--force"):
         verify_run(run_dir, verifiers=["ibp"], limit=20)
-    verify_run(run_dir, verifiers=["ibp"], limit=10, force=True)
-    assert json.loads((out / "ibp.json").read_text())["samples"] == 10
+    verify_run(run_dir, verifiers=["ibp"], limit=20, force=True)
+    assert json.loads((out / "ibp.json").read_text())["samples"] == 20
+    verify_run(run_dir, verifiers=["ibp"], limit=10)
+    assert json.loads((run_dir / "verify" / "eps=0.1,first=10" / "ibp.json").read_text())["samples"] == 10
 
 
 def test_default_verifiers_follow_the_model(runs):

@@ -42,11 +42,12 @@ def margins_of(network: nn.Module, z: torch.Tensor, labels: torch.Tensor) -> tor
     return margins_from_logits(network(z), labels)
 
 
-def _gradient(network: nn.Module, z: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    z = z.clone().requires_grad_(True)
-    margin = margins_of(network, z, labels)
-    (grad,) = torch.autograd.grad(margin.sum(), z)
-    return margin.detach(), grad
+def _gradient(network: nn.Module, z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Gradient of the margins with respect to N's input (works inside a caller's no_grad block too)."""
+    with torch.enable_grad():
+        z = z.clone().requires_grad_(True)
+        (grad,) = torch.autograd.grad(margins_of(network, z, labels).sum(), z)
+    return grad
 
 
 def _step_candidates(options, samples, choice, grad, fractions, valid) -> list[np.ndarray]:
@@ -77,7 +78,7 @@ def _step_candidates(options, samples, choice, grad, fractions, valid) -> list[n
 
 def discrete_attack(
     network: nn.Module, options: PixelOptions, samples: np.ndarray, labels: torch.Tensor,
-    steps: int = 5, restarts: int = 2, seed: int = 0,
+    steps: int = 3, restarts: int = 1, seed: int = 0,
 ) -> dict[int, np.ndarray]:
     """Option choices N misclassifies, keyed by position in `samples` (only samples where one was found)."""
     found: dict[int, np.ndarray] = {}
@@ -96,7 +97,7 @@ def discrete_attack(
         choice = start[active]
         for _ in range(max(1, steps)):
             z = abstract_batch(options, samples[active], choice)
-            margin, grad = _gradient(network, z, labels[active])
+            grad = _gradient(network, z, labels[active])
             candidates = _step_candidates(options, samples[active], choice, grad, FRACTIONS, valid[active])
             stacked = np.concatenate([choice[None]] + [c[None] for c in candidates], axis=0)  # k × n × P
             k = stacked.shape[0]

@@ -115,6 +115,13 @@ class DomainBounds:
     split_score: np.ndarray
     coeff_lower: np.ndarray | None
     coeff_upper: np.ndarray | None
+    intermediate: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    def intermediate_of(self, i: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]] | None:
+        """Domain i's bounds on every ReLU layer's input (batch dimension of 1), or None."""
+        if self.intermediate is None:
+            return None
+        return {name: (lo[i:i + 1].clone(), hi[i:i + 1].clone()) for name, (lo, hi) in self.intermediate.items()}
 
 
 class HullBounder:
@@ -158,8 +165,15 @@ class HullBounder:
     def bound(
         self, options: PixelOptions, samples: np.ndarray, first: np.ndarray, last: np.ndarray,
         labels: torch.Tensor, method: str | None = None,
+        fixed: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+        reference: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
     ) -> DomainBounds:
-        """Bounds for n domains: domain i is sample `samples[i]` with option ranges first[i]..last[i] (n × P)."""
+        """Bounds for n domains: domain i is sample `samples[i]` with option ranges first[i]..last[i] (n × P).
+
+        `fixed`: bounds on ReLU inputs (batched like the domains) to use as they are instead of computing
+        them — sound whenever each domain lies inside the domain they were computed for (a BaB parent).
+        `reference`: such bounds used to tighten (and sparsify) freshly computed ones.
+        """
         lib = lirpa()
         method = method or self.method
         n = len(samples)
@@ -187,13 +201,27 @@ class HullBounder:
             if method == CROWN_LAST:
                 kwargs["intermediate_layer_bounds"] = self._ibp_intermediate(inputs)
                 method = "crown"
+            if fixed:
+                kwargs["intermediate_layer_bounds"] = fixed
+            if reference:
+                kwargs["reference_bounds"] = reference
+                kwargs["aux_reference_bounds"] = reference
             out = self.bounded.compute_bounds(
                 x=inputs, C=spec, method=LIRPA_METHODS[method], bound_upper=False, **kwargs
             )
         margins = out[0].detach()
+        intermediate = None
+        if method != "ibp":
+            intermediate = {}
+            for name in self.relu_inputs:
+                node = self.bounded[name]
+                if getattr(node, "lower", None) is None or getattr(node, "upper", None) is None:
+                    intermediate = None
+                    break
+                intermediate[name] = (node.lower.detach(), node.upper.detach())
         widths = [(hi.astype(np.float64) - lo.astype(np.float64)) for lo, hi in boxes]
         if not need_a:
-            return DomainBounds(margins, widths[0] + widths[1], None, None)
+            return DomainBounds(margins, widths[0] + widths[1], None, None, None)
         a_matrix = out[2][self.bounded.output_name[0]][self.bounded.input_name[0]]["lA"].detach()
         worst = margins.argmin(dim=1)
         a_worst = a_matrix[torch.arange(n), worst].reshape(n, 2, -1).numpy().astype(np.float64)
@@ -202,4 +230,4 @@ class HullBounder:
             coeff_lower, coeff_upper = a_worst[:, 0] - a_worst[:, 1], a_worst[:, 1]
         else:
             coeff_lower, coeff_upper = a_worst[:, 0], a_worst[:, 1]
-        return DomainBounds(margins, score, coeff_lower, coeff_upper)
+        return DomainBounds(margins, score, coeff_lower, coeff_upper, intermediate)

@@ -131,14 +131,14 @@ def _runs(abstraction: Abstraction, lo: np.ndarray, hi: np.ndarray, centre: np.n
         left = np.where(constant, last[active], s)
         right = last[active] + 1
         for _ in range(FLOAT32_BITS + 1):
-            open_ = right - left > 1
-            if not open_.any():
+            open_ = np.flatnonzero(right - left > 1)
+            if open_.size == 0:
                 break
-            mid = (left + right) // 2
-            m_low, m_up = _pixel_map(abstraction, _as_float(np.where(open_, mid, left)))
-            same = (m_low == a_low) & (m_up == a_up)
-            left = np.where(open_ & same, mid, left)
-            right = np.where(open_ & ~same, mid, right)
+            mid = (left[open_] + right[open_]) // 2
+            m_low, m_up = _pixel_map(abstraction, _as_float(mid))
+            same = (m_low == a_low[open_]) & (m_up == a_up[open_])
+            left[open_[same]] = mid[same]
+            right[open_[~same]] = mid[~same]
         run_end = left
         # Concrete value: the float32 of the run closest to the clean pixel.
         value = _as_float(np.clip(centre_bits[active], s, run_end))

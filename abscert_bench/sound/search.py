@@ -79,11 +79,39 @@ def linear_minimiser(options: PixelOptions, sample: int, first: np.ndarray, last
     return value.argmin(axis=1)
 
 
+@dataclass
+class Domain:
+    """An open BaB domain with its bounds: worst margin bound, split scores, linear bound, ReLU-input bounds."""
+
+    margin: float
+    first: np.ndarray
+    last: np.ndarray
+    score: np.ndarray
+    coeff_lower: np.ndarray | None
+    coeff_upper: np.ndarray | None
+    intermediate: dict | None
+    age: int  # splits since its ReLU-input bounds were last computed fully
+
+
+def _stack(parents: list[Domain], names: list[str]) -> dict | None:
+    """Batch the parents' bounds on the ReLU inputs `names` (None if any parent lacks them)."""
+    if not names or any(p.intermediate is None for p in parents):
+        return None
+    return {name: (torch.cat([p.intermediate[name][0] for p in parents]),
+                   torch.cat([p.intermediate[name][1] for p in parents])) for name in names}
+
+
 def branch_and_bound(
     bounder: HullBounder, network: nn.Module, options: PixelOptions, sample: int, label: int,
-    root: DomainBounds | None, deadline: float, batch: int = 16, enumerate_limit: int = 256,
+    root: DomainBounds | None, deadline: float, batch: int = 32, enumerate_limit: int = 256,
+    refresh_every: int = 2,
 ) -> SearchOutcome:
-    """Decide one sample by branch and bound over its choice pixels, until verified, falsified or deadline."""
+    """Decide one sample by branch and bound over its choice pixels, until verified, falsified or deadline.
+
+    Children reuse their parent's bounds on every ReLU input but the first (sound: a child's hull lies in
+    its parent's), so a child costs one backward pass for the margins instead of a full CROWN run; every
+    `refresh_every` splits a domain's ReLU-input bounds are recomputed, tightened by the parent's.
+    """
     labels = torch.tensor([label])
     first0 = np.zeros(options.count.shape[1], dtype=np.int64)
     last0 = options.count[sample] - 1
@@ -92,47 +120,65 @@ def branch_and_bound(
         root = bounder.bound(options, np.array([sample]), first0[None], last0[None], labels)
     if bool((root.margins[0] > 0).all()):
         return SearchOutcome("verified", stage="bounds")
-    # Each queued domain: (worst margin bound, first, last, split score).
-    queue: list[tuple[float, np.ndarray, np.ndarray, np.ndarray]] = [
-        (float(root.margins[0].min()), first0, last0, root.split_score[0])
-    ]
+    queue = [Domain(float(root.margins[0].min()), first0, last0, root.split_score[0],
+                    None if root.coeff_lower is None else root.coeff_lower[0],
+                    None if root.coeff_upper is None else root.coeff_upper[0], root.intermediate_of(0), 0)]
+    reused = bounder.relu_inputs[1:]
     branches = 0
     while queue:
         if time.perf_counter() > deadline:
             return SearchOutcome("unknown", branches=branches, stage="timeout")
-        queue.sort(key=lambda item: item[0])
-        picked, queue = queue[:batch], queue[batch:]
-        child_first, child_last = [], []
-        for _, first, last, score in picked:
-            if domain_size(first, last) <= leaf_limit:
-                hit = enumerate_domain(network, options, sample, label, first, last)
+        queue.sort(key=lambda item: item.margin)
+        picked, queue = queue[:max(1, batch // 2)], queue[max(1, batch // 2):]
+        children: list[tuple[Domain, np.ndarray, np.ndarray]] = []
+        for parent in picked:
+            if domain_size(parent.first, parent.last) <= leaf_limit:
+                hit = enumerate_domain(network, options, sample, label, parent.first, parent.last)
                 if hit is not None:
                     return SearchOutcome("falsified", hit, branches, "bab")
                 continue
-            free = last > first
-            pixel = int(np.argmax(np.where(free, score, -np.inf)))
-            mid = (first[pixel] + last[pixel]) // 2
-            low_last, high_first = last.copy(), first.copy()
+            free = parent.last > parent.first
+            pixel = int(np.argmax(np.where(free, parent.score, -np.inf)))
+            mid = (parent.first[pixel] + parent.last[pixel]) // 2
+            low_last, high_first = parent.last.copy(), parent.first.copy()
             low_last[pixel], high_first[pixel] = mid, mid + 1
-            child_first += [first, high_first]
-            child_last += [low_last, last]
-        if not child_first:
+            children += [(parent, parent.first, low_last), (parent, high_first, parent.last)]
+        if not children:
             continue
-        firsts, lasts = np.stack(child_first), np.stack(child_last)
-        branches += len(firsts)
-        bounds = bounder.bound(options, np.full(len(firsts), sample), firsts, lasts, labels.repeat(len(firsts)))
-        open_ = ~(bounds.margins > 0).all(dim=1).numpy()
-        if not open_.any():
-            continue
-        idx = np.flatnonzero(open_)
-        if bounds.coeff_lower is not None:
-            candidates = np.stack([
-                linear_minimiser(options, sample, firsts[i], lasts[i], bounds.coeff_lower[i], bounds.coeff_upper[i])
-                for i in idx
-            ])
-            wrong = misclassified(network, abstract_batch(options, np.full(len(idx), sample), candidates), label)
-            if wrong.any():
-                return SearchOutcome("falsified", candidates[int(np.flatnonzero(wrong)[0])], branches, "bab")
-        for i in idx:
-            queue.append((float(bounds.margins[i].min()), firsts[i], lasts[i], bounds.split_score[i]))
+        branches += len(children)
+        refresh = [c for c in children if c[0].age + 1 >= refresh_every or c[0].intermediate is None]
+        cheap = [c for c in children if not (c[0].age + 1 >= refresh_every or c[0].intermediate is None)]
+        for group, is_refresh in ((cheap, False), (refresh, True)):
+            if not group:
+                continue
+            if time.perf_counter() > deadline:
+                return SearchOutcome("unknown", branches=branches, stage="timeout")
+            parents = [c[0] for c in group]
+            firsts, lasts = np.stack([c[1] for c in group]), np.stack([c[2] for c in group])
+            if is_refresh:
+                bounds = bounder.bound(options, np.full(len(group), sample), firsts, lasts,
+                                       labels.repeat(len(group)), reference=_stack(parents, bounder.relu_inputs))
+            else:
+                bounds = bounder.bound(options, np.full(len(group), sample), firsts, lasts,
+                                       labels.repeat(len(group)), fixed=_stack(parents, reused))
+            open_ = ~(bounds.margins > 0).all(dim=1).numpy()
+            idx = np.flatnonzero(open_)
+            if idx.size == 0:
+                continue
+            if bounds.coeff_lower is not None:
+                candidates = np.stack([
+                    linear_minimiser(options, sample, firsts[i], lasts[i], bounds.coeff_lower[i],
+                                     bounds.coeff_upper[i]) for i in idx
+                ])
+                wrong = misclassified(network, abstract_batch(options, np.full(len(idx), sample), candidates),
+                                      label)
+                if wrong.any():
+                    return SearchOutcome("falsified", candidates[int(np.flatnonzero(wrong)[0])], branches, "bab")
+            for i in idx:
+                queue.append(Domain(
+                    float(bounds.margins[i].min()), firsts[i], lasts[i], bounds.split_score[i],
+                    None if bounds.coeff_lower is None else bounds.coeff_lower[i],
+                    None if bounds.coeff_upper is None else bounds.coeff_upper[i],
+                    bounds.intermediate_of(i), 0 if is_refresh else parents[i].age + 1,
+                ))
     return SearchOutcome("verified", branches=branches, stage="bab")

@@ -19,9 +19,9 @@ def applicable_verifiers(trained: TrainedModel) -> list[str]:
     return [name for name in all_verifier_names() if create_verifier(name).applies_to(trained)]
 
 
-def results_dir(run_dir: Path, eps: float) -> Path:
-    """Where verification results for `eps` live."""
-    return run_dir / "verify" / f"eps={eps:g}"
+def results_dir(run_dir: Path, eps: float, first: int | None = None) -> Path:
+    """Where results for `eps` live: `verify/eps=E` for the whole test split, `verify/eps=E,first=N` for a prefix."""
+    return run_dir / "verify" / (f"eps={eps:g}" if first is None else f"eps={eps:g},first={first}")
 
 
 def result_rows(results: list[SampleResult]) -> list[dict[str, Any]]:
@@ -70,7 +70,7 @@ def verify_run(
             raise UserError(f"verifier {v.name} does not apply to this {config['method']} model ({v.meaning})")
     n = len(dataset.test_x) if limit is None else min(limit, len(dataset.test_x))
     x, y = dataset.test_x[:n].to(device), dataset.test_y[:n].to(device)
-    out_dir = results_dir(run_dir, eps)
+    out_dir = results_dir(run_dir, eps, None if n == len(dataset.test_x) else n)
     jobs = [("cascade:" + "+".join(names), built)] if cascade else [(v.name, [v]) for v in built]
     for name, _ in jobs:
         if (out_dir / f"{name}.json").exists() and not force:

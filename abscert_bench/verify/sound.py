@@ -1,0 +1,303 @@
+"""`abscert-sound`: is f(x') == y for every x' in the [0,1]-clipped L∞ ball, f the deployed AbsCert classifier?
+
+f(x') = N(phi(x')) for the point variant, N(region_phi(x', eps_train)) for the region variant. Every pixel of
+x' can only produce a few abstract values (`sound.choices`), so the reachable abstract inputs are a product
+of small discrete sets. Per sample, in order:
+
+1. clean      – f(x) != y is falsified with x itself; no choice pixel left means a single reachable
+                abstract input, so the clean check decides.
+2. enumeration – at most `enumerate_limit` reachable abstract inputs: evaluate N on all of them (exact).
+3. attack     – a discrete gradient-guided attack over the choice pixels (`sound.attack`); a hit becomes a
+                concrete image x' that must pass `recheck_counterexample` (f itself, ball, [0,1]).
+4. bounds     – auto_LiRPA bounds over the hull of all reachable abstract inputs (`sound.bounds`): a
+                batched cheap pass (IBP for all ReLU inputs but the last, CROWN after), then CROWN (or
+                `bound_method`) per sample; all margins positive → verified.
+5. bab        – branch and bound over the choice pixels (`sound.search`) until verified, a re-checked
+                counterexample, or `timeout` seconds for the sample → unknown (stage 'timeout').
+
+`verified` comes only from exact enumeration or sound bounds over a superset of the reachable set;
+`falsified` only from a counterexample re-checked by running f.
+
+Per-sample details: `choice_pixels` (pixels with >= 2 options), `branches` (BaB domains bounded, or abstract
+inputs enumerated), `stage` (clean / enumeration / attack / bounds / bab / timeout), and the seconds spent in
+`attack_s`, `bounds_s` and `bab_s` (complete search: enumeration or BaB). Batched stages are charged to
+their samples in equal shares; `time_s` is the sum plus the sample's share of the clean stage.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from ..abstraction import check_eps, check_granularity
+from ..errors import UserError
+from ..sound.attack import discrete_attack
+from ..sound.bounds import CROWN_LAST, LIRPA_METHODS, HullBounder
+from ..sound.choices import reachable_options
+from ..sound.recheck import recheck_counterexample
+from ..sound.search import SearchOutcome, branch_and_bound, enumerate_domain
+from .base import VERIFIERS, SampleResult, Verifier, batches, clean_check
+
+QUICK_BATCH = 8  # samples per batched pre-pass bound call
+
+
+class SoundVerifier(Verifier):
+    """Sound and complete (given time) robustness check of the deployed AbsCert classifier.
+
+    Options: `timeout` (s per sample), `bound_method` ('crown', 'alpha-crown', 'crown-ibp', 'ibp'),
+    `enumerate_limit` (enumerate exactly when at most this many abstract inputs remain; 0 disables the
+    enumeration stage, BaB leaves are then single inputs), `attack` / `attack_steps` / `attack_restarts`,
+    `bab_batch` (domains per bound call), `fast_first` (the cheap batched pre-pass), `seed`.
+    """
+
+    name = "abscert-sound"
+    meaning = ("f(x') == y for every x' in the [0,1]-clipped L∞ eps-ball, f = N(abstraction(x')) "
+               "(sound; complete up to the per-sample timeout)")
+    sound = True
+
+    def __init__(
+        self, timeout: float = 10.0, bound_method: str = "crown", enumerate_limit: int = 256,
+        attack: bool = True, attack_steps: int = 3, attack_restarts: int = 1, bab_batch: int = 32,
+        fast_first: bool = True, seed: int = 0,
+    ) -> None:
+        if not timeout > 0:
+            raise UserError(f"abscert-sound: timeout must be > 0 seconds, got {timeout}")
+        if bound_method not in LIRPA_METHODS:
+            raise UserError(f"abscert-sound: unknown bound_method {bound_method!r}; valid: {', '.join(LIRPA_METHODS)}")
+        if enumerate_limit < 0 or bab_batch < 1 or attack_steps < 1 or attack_restarts < 0:
+            raise UserError("abscert-sound: enumerate_limit >= 0, bab_batch >= 1, attack_steps >= 1, "
+                            "attack_restarts >= 0 required")
+        self.timeout = float(timeout)
+        self.bound_method = bound_method
+        self.enumerate_limit = int(enumerate_limit)
+        self.attack = bool(attack)
+        self.attack_steps = int(attack_steps)
+        self.attack_restarts = int(attack_restarts)
+        self.bab_batch = int(bab_batch)
+        self.fast_first = bool(fast_first)
+        self.seed = int(seed)
+        self._bounders: dict[int, tuple[torch.nn.Module, tuple, HullBounder]] = {}
+
+    def applies_to(self, trained) -> bool:
+        return trained.abstraction is not None
+
+    # -- public protocol -------------------------------------------------------------------------------
+
+    def verify(
+        self, trained, x: torch.Tensor, y: torch.Tensor, eps: float,
+        indices: list[int] | None = None, batch_size: int = 64, progress: Callable[[int], None] | None = None,
+    ) -> list[SampleResult]:
+        """Per-sample results; time_s is the sample's share of batched stages plus its own bounds and BaB."""
+        eps = self._check(trained, x, y, eps)
+        indices = list(range(len(x))) if indices is None else list(indices)
+        results: list[SampleResult] = []
+        for start, stop in batches(len(x), batch_size):
+            for offset, (status, cex, details, seconds) in enumerate(self._run(trained, x[start:stop], y[start:stop], eps)):
+                results.append(SampleResult(
+                    indices[start + offset], int(y[start + offset]), status, seconds,
+                    self.name if status != "unknown" else "", cex, details,
+                ))
+            if progress is not None:
+                progress(stop - start)
+        return results
+
+    def verify_batch(self, trained, x, y, eps):
+        """(status, counterexample, details) per sample of one batch."""
+        eps = self._check(trained, x, y, eps)
+        return [(status, cex, details) for status, cex, details, _ in self._run(trained, x, y, eps)]
+
+    # -- checks ----------------------------------------------------------------------------------------
+
+    def _check(self, trained, x: torch.Tensor, y: torch.Tensor, eps: float) -> float:
+        if not self.applies_to(trained):
+            raise UserError(f"verifier {self.name} needs an AbsCert model (one with an abstraction)")
+        eps = check_eps(eps)
+        check_granularity(trained.abstraction.d)
+        check_eps(trained.abstraction.eps)
+        if not isinstance(x, torch.Tensor) or x.dim() != 4:
+            raise UserError(f"images must be an N×C×H×W tensor, got {getattr(x, 'shape', type(x))}")
+        if tuple(x.shape[1:]) != tuple(trained.input_shape):
+            raise UserError(f"images of shape {tuple(x.shape[1:])} (channels {x.shape[1]}); the model expects "
+                            f"{tuple(trained.input_shape)}")
+        if not torch.isfinite(x).all():
+            raise UserError("images contain NaN or inf")
+        if x.numel() and (float(x.min()) < 0.0 or float(x.max()) > 1.0):
+            raise UserError("pixel values must lie in [0, 1]")
+        if len(y) != len(x) or (len(y) and (int(y.min()) < 0 or int(y.max()) >= trained.num_classes)):
+            raise UserError(f"labels must be {len(x)} class ids in 0..{trained.num_classes - 1}")
+        return eps
+
+    def bounder(self, trained) -> HullBounder:
+        """The bound engine for this network, built once (rebuilt only if its weights changed)."""
+        network = trained.network
+        fingerprint = tuple(float(p.detach().double().sum()) for p in network.parameters())
+        entry = self._bounders.get(id(network))
+        if entry is None or entry[0] is not network or entry[1] != fingerprint:
+            entry = (network, fingerprint, HullBounder(trained, self.bound_method))
+            self._bounders[id(network)] = entry
+        return entry[2]
+
+    # -- the pipeline ----------------------------------------------------------------------------------
+
+    def _run(self, trained, x: torch.Tensor, y: torch.Tensor, eps: float):
+        """(status, counterexample, details, seconds) per sample, stage by stage."""
+        if len(x) == 0:
+            return []
+        run = _BatchRun(self, trained, x, y, eps)
+        run.clean_stage()
+        run.enumeration_stage()
+        if self.attack:
+            run.attack_stage()
+        run.bound_and_search_stage()
+        return run.answers()
+
+
+class _BatchRun:
+    """The state of one batch going through the stages: per-sample status, counterexample, details, time."""
+
+    def __init__(self, verifier: SoundVerifier, trained, x: torch.Tensor, y: torch.Tensor, eps: float) -> None:
+        self.verifier, self.trained, self.eps = verifier, trained, eps
+        self.x = x.detach().cpu().to(torch.float32)
+        self.y = y.detach().cpu().to(torch.int64)
+        self.network = trained.network.eval()
+        n = len(x)
+        self.seconds = np.zeros(n)
+        self.status: list[str | None] = [None] * n
+        self.cex: list[np.ndarray | None] = [None] * n
+        self.details = [{"choice_pixels": 0, "branches": 0, "stage": "", "attack_s": 0.0, "bounds_s": 0.0,
+                         "bab_s": 0.0} for _ in range(n)]
+        self.options = None
+
+    # bookkeeping
+
+    def open(self) -> list[int]:
+        """Samples not decided yet."""
+        return [i for i, s in enumerate(self.status) if s is None]
+
+    def charge(self, clock: float, members, key: str | None = None) -> None:
+        """Spread the wall time since `clock` equally over `members` (and onto their stage time `key`)."""
+        members = list(members)
+        if not members:
+            return
+        part = (time.perf_counter() - clock) / len(members)
+        for i in members:
+            self.seconds[i] += part
+            if key:
+                self.details[i][key] += part
+
+    def decide(self, i: int, verdict: str, stage: str, counterexample: np.ndarray | None = None) -> None:
+        self.status[i], self.cex[i] = verdict, counterexample
+        self.details[i]["stage"] = stage
+
+    def conclude(self, i: int, outcome: SearchOutcome) -> None:
+        """Record a search outcome; a counterexample counts only after the independent re-check."""
+        self.details[i]["branches"] = outcome.branches
+        if outcome.status != "falsified":
+            self.decide(i, outcome.status, outcome.stage)
+            return
+        x_adv = self.options.concrete(i, outcome.choice)
+        ok, message = recheck_counterexample(self.trained, self.x[i], int(self.y[i]), self.eps, x_adv)
+        if ok:
+            self.decide(i, "falsified", outcome.stage, x_adv)
+        else:  # N and f disagree on this abstract input: claim nothing
+            self.details[i]["note"] = f"counterexample failed the re-check: {message}"
+            self.decide(i, "unknown", outcome.stage)
+
+    def root_first(self, k: int) -> np.ndarray:
+        """Option index 0 for every pixel of k root domains."""
+        return np.zeros((k, self.options.count.shape[1]), dtype=np.int64)
+
+    def answers(self):
+        for i in self.open():  # unreachable: every stage path decides
+            self.decide(i, "unknown", "timeout")
+        return [(self.status[i], self.cex[i], self.details[i], float(self.seconds[i]))
+                for i in range(len(self.status))]
+
+    # stages
+
+    def clean_stage(self) -> None:
+        """Clean check and reachable options; no choice pixel left means a single abstract input."""
+        clock = time.perf_counter()
+        correct = clean_check(self.trained.classifier(), self.x, self.y).numpy()
+        self.options = reachable_options(self.trained.abstraction, self.x, self.eps)
+        self.charge(clock, range(len(self.x)))
+        for i in range(len(self.x)):
+            self.details[i]["choice_pixels"] = int((self.options.count[i] > 1).sum())
+            if not correct[i]:
+                self.details[i]["reason"] = "clean misclassified"
+                self.decide(i, "falsified", "clean", self.x[i].numpy().copy())
+            elif self.details[i]["choice_pixels"] == 0:
+                self.decide(i, "verified", "clean")
+
+    def enumeration_stage(self) -> None:
+        """Exact check of samples with at most `enumerate_limit` reachable abstract inputs (time: bab_s)."""
+        for i in self.open():
+            combinations = self.options.combinations(i)
+            if combinations > self.verifier.enumerate_limit:
+                continue
+            clock = time.perf_counter()
+            hit = enumerate_domain(self.network, self.options, i, int(self.y[i]), self.root_first(1)[0],
+                                   self.options.count[i] - 1)
+            self.conclude(i, SearchOutcome("verified" if hit is None else "falsified", hit,
+                                           int(combinations), "enumeration"))
+            self.charge(clock, [i], "bab_s")
+
+    def attack_stage(self) -> None:
+        """Discrete attack, batched over the undecided samples; hits must pass the re-check."""
+        members = self.open()
+        if not members:
+            return
+        clock = time.perf_counter()
+        v = self.verifier
+        found = discrete_attack(self.network, self.options, np.asarray(members), self.y[members],
+                                v.attack_steps, v.attack_restarts, v.seed)
+        for position, choice in found.items():
+            i = members[position]
+            x_adv = self.options.concrete(i, choice)
+            ok, message = recheck_counterexample(self.trained, self.x[i], int(self.y[i]), self.eps, x_adv)
+            if ok:
+                self.decide(i, "falsified", "attack", x_adv)
+            else:
+                self.details[i]["attack_note"] = message
+        self.charge(clock, members, "attack_s")
+
+    def bound_and_search_stage(self) -> None:
+        """A cheap batched bound pre-pass, the full bound per sample, then branch and bound."""
+        pending = self.open()
+        if not pending:
+            return
+        v = self.verifier
+        bounder = v.bounder(self.trained)
+        if v.fast_first and v.bound_method in ("crown", "alpha-crown"):
+            for start in range(0, len(pending), QUICK_BATCH):
+                members = pending[start:start + QUICK_BATCH]
+                clock = time.perf_counter()
+                quick = bounder.bound(self.options, np.asarray(members), self.root_first(len(members)),
+                                      self.options.count[members] - 1, self.y[members], method=CROWN_LAST)
+                self.charge(clock, members, "bounds_s")
+                for i, ok in zip(members, (quick.margins > 0).all(dim=1).tolist()):
+                    if ok:
+                        self.decide(i, "verified", "bounds")
+            pending = self.open()
+        for i in pending:
+            clock = time.perf_counter()
+            root = bounder.bound(self.options, np.array([i]), self.root_first(1),
+                                 self.options.count[i][None] - 1, self.y[i:i + 1])
+            self.charge(clock, [i], "bounds_s")
+            if bool((root.margins[0] > 0).all()):
+                self.decide(i, "verified", "bounds")
+                continue
+            self.details[i]["min_margin_lb"] = float(root.margins[0].min())
+            clock = time.perf_counter()
+            deadline = clock + max(0.0, v.timeout - self.seconds[i])
+            self.conclude(i, branch_and_bound(bounder, self.network, self.options, i, int(self.y[i]), root,
+                                              deadline, v.bab_batch, v.enumerate_limit))
+            self.charge(clock, [i], "bab_s")
+
+
+@VERIFIERS.register("abscert-sound")
+def abscert_sound(**options: Any) -> Verifier:
+    """The sound (and, given time, complete) check of the deployed AbsCert classifier."""
+    return SoundVerifier(**options)

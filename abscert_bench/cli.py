@@ -124,6 +124,14 @@ def cmd_table(args: argparse.Namespace) -> int:
     from .rundir import write_csv
     from .table import collect, to_csv_rows, to_markdown
 
+    if args.sound_stages:
+        from .sound_report import sound_report
+
+        dirs = sorted({p.parent for root in args.runs for p in Path(root).rglob("abscert-sound.csv")})
+        if not dirs:
+            raise UserError(f"no abscert-sound results under {', '.join(args.runs)}")
+        print(sound_report(dirs), end="")
+        return 0
     rows = collect([Path(p) for p in args.runs])
     print(to_markdown(rows), end="")
     if args.csv:
@@ -238,6 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("table", help="print a Markdown comparison table from run directories")
     p.add_argument("runs", nargs="+", help="run directories or folders containing them")
     p.add_argument("--csv", default=None, help="also write the rows as CSV to this file")
+    p.add_argument("--sound-stages", action="store_true",
+                   help="instead: abscert-sound evidence (paper vs sound counts, per-stage time percentiles)")
     p.set_defaults(func=cmd_table)
 
     for name, out, limit, epochs, help_text in (

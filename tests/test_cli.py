@@ -125,3 +125,17 @@ def test_parser_names_every_verb():
     text = build_parser().format_help()
     for verb in VERBS:
         assert verb in text
+
+
+def test_sound_stage_report(tmp_path, capsys):
+    run = tmp_path / "abscert"
+    assert run_cli(capsys, "train", "--method", "abscert", "--d", "0.2", "--model", "fc3", "--epochs", "2",
+                   "--out", str(run))[0] == 0
+    assert run_cli(capsys, "verify", str(run), "--verifiers", "abscert-paper,abscert-sound", "--limit", "12")[0] == 0
+    code, out, _ = run_cli(capsys, "table", str(tmp_path), "--sound-stages")
+    assert code == 0
+    row = out.splitlines()[2]
+    assert row.startswith("| abscert | 0.1 | 12 |")
+    code, out, _ = run_cli(capsys, "recheck", str(run),
+                           str(run / "verify" / "eps=0.1,first=12" / "abscert-sound.counterexamples.npz"))
+    assert code == 0 and "counterexamples re-check" in out

@@ -32,10 +32,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from baselines.bounds import LIRPA_METHODS
+
 from ..lirpa_compat import lirpa
 from .choices import PixelOptions
 
-LIRPA_METHODS = {"ibp": "IBP", "crown-ibp": "CROWN-IBP", "crown": "CROWN", "alpha-crown": "alpha-CROWN"}
 #: A cheaper sound pre-pass: IBP bounds for every ReLU layer's input except the last, CROWN for the last
 #: and for the margins. On a conv net almost all of CROWN's cost is the intermediate bounds of the early,
 #: wide layers; this pass skips them and still decides most easy samples (MNIST DM_Small: ~2x faster).

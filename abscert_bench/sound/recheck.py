@@ -105,8 +105,6 @@ def load_counterexamples(npz_path: str | Path) -> dict[str, np.ndarray]:
 def recheck_file(checkpoint_path: str | Path, npz_path: str | Path) -> list[dict[str, Any]]:
     """Re-check every counterexample of an .npz against a checkpoint: one {index, label, ok, message} each."""
     trained = load_checkpoint(checkpoint_path)
-    if trained.abstraction is None:
-        raise UserError(f"{checkpoint_path} is not an AbsCert model (it has no abstraction)")
     arrays = load_counterexamples(npz_path)
     if len(arrays["index"]) and tuple(arrays["x"].shape[1:]) != tuple(trained.input_shape):
         raise UserError(

@@ -18,10 +18,10 @@ def margin_matrix(y: torch.Tensor, num_classes: int) -> torch.Tensor:
     return true_rows - others
 
 
-def bounded_module(network: nn.Module, example: torch.Tensor):
+def bounded_module(network: nn.Module, example: torch.Tensor, bound_opts: dict | None = None):
     """Wrap a plain network in auto_LiRPA's BoundedModule (parameters are shared, not copied)."""
     lib = lirpa()
-    return lib.BoundedModule(network, torch.zeros_like(example[:1]), device=example.device)
+    return lib.BoundedModule(network, torch.zeros_like(example[:1]), bound_opts=bound_opts, device=example.device)
 
 
 def margin_lower_bounds(

@@ -78,7 +78,7 @@ class AlphaCrownVerifier(BoundVerifier):
     def margins(self, bounded, lower, upper, y, num_classes) -> torch.Tensor:
         crown = margin_lower_bounds(bounded, lower, upper, y, num_classes, "crown").detach()
         open_rows = (crown.min(dim=1).values <= 0).nonzero().flatten()
-        for chunk in open_rows.split(ALPHA_BATCH):  # alpha's slope tensors grow with the batch
+        for chunk in open_rows.split(ALPHA_BATCH) if len(open_rows) else ():  # alpha's memory grows with the batch
             optimised = margin_lower_bounds(bounded, lower[chunk], upper[chunk], y[chunk],
                                             num_classes, "alpha-crown").detach()
             crown[chunk] = torch.maximum(crown[chunk], optimised)

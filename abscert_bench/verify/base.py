@@ -59,20 +59,27 @@ class Verifier:
             raise UserError(f"verifier {self.name} does not apply to this model ({self.meaning})")
         if not torch.isfinite(x).all():
             raise UserError("images contain NaN or inf")
-        indices = list(range(len(x))) if indices is None else indices
+        indices = list(range(len(x))) if indices is None else list(indices)
         results: list[SampleResult] = []
         for start, stop in batches(len(x), batch_size):
-            t0 = time.perf_counter()
-            answers = self.verify_batch(trained, x[start:stop], y[start:stop], eps)
-            share = (time.perf_counter() - t0) / (stop - start)
-            for offset, (status, cex, details) in enumerate(answers):
+            answers = self.timed_batch(trained, x[start:stop], y[start:stop], eps)
+            for offset, (status, cex, details, seconds) in enumerate(answers):
                 results.append(SampleResult(
-                    indices[start + offset], int(y[start + offset]), status, share,
+                    indices[start + offset], int(y[start + offset]), status, seconds,
                     self.name if status != "unknown" else "", cex, details,
                 ))
             if progress is not None:
                 progress(stop - start)
         return results
+
+    def timed_batch(
+        self, trained: TrainedModel, x: torch.Tensor, y: torch.Tensor, eps: float
+    ) -> list[tuple[str, np.ndarray | None, dict[str, Any], float]]:
+        """`verify_batch` answers plus seconds per sample (the batch's wall time shared equally)."""
+        start = time.perf_counter()
+        answers = self.verify_batch(trained, x, y, eps)
+        share = (time.perf_counter() - start) / max(1, len(x))
+        return [(status, cex, details, share) for status, cex, details in answers]
 
 
 def batches(n: int, size: int) -> Iterator[tuple[int, int]]:

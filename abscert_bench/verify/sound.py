@@ -38,7 +38,7 @@ from ..sound.bounds import CROWN_LAST, LIRPA_METHODS, HullBounder
 from ..sound.choices import reachable_options
 from ..sound.recheck import recheck_counterexample
 from ..sound.search import SearchOutcome, branch_and_bound, enumerate_domain
-from .base import VERIFIERS, SampleResult, Verifier, batches, clean_check
+from .base import VERIFIERS, SampleResult, Verifier, clean_check
 
 QUICK_BATCH = 8  # samples per batched pre-pass bound call
 
@@ -85,23 +85,15 @@ class SoundVerifier(Verifier):
 
     # -- public protocol -------------------------------------------------------------------------------
 
-    def verify(
-        self, trained, x: torch.Tensor, y: torch.Tensor, eps: float,
-        indices: list[int] | None = None, batch_size: int = 64, progress: Callable[[int], None] | None = None,
-    ) -> list[SampleResult]:
+    def verify(self, trained, x: torch.Tensor, y: torch.Tensor, eps: float, indices=None, batch_size: int = 64,
+               progress: Callable[[int], None] | None = None) -> list[SampleResult]:
         """Per-sample results; time_s is the sample's share of batched stages plus its own bounds and BaB."""
-        eps = self._check(trained, x, y, eps)
-        indices = list(range(len(x))) if indices is None else list(indices)
-        results: list[SampleResult] = []
-        for start, stop in batches(len(x), batch_size):
-            for offset, (status, cex, details, seconds) in enumerate(self._run(trained, x[start:stop], y[start:stop], eps)):
-                results.append(SampleResult(
-                    indices[start + offset], int(y[start + offset]), status, seconds,
-                    self.name if status != "unknown" else "", cex, details,
-                ))
-            if progress is not None:
-                progress(stop - start)
-        return results
+        self._check(trained, x, y, eps)
+        return super().verify(trained, x, y, eps, indices, batch_size, progress)
+
+    def timed_batch(self, trained, x, y, eps):
+        """(status, counterexample, details, seconds) per sample, timed stage by stage."""
+        return self._run(trained, x, y, self._check(trained, x, y, eps))
 
     def verify_batch(self, trained, x, y, eps):
         """(status, counterexample, details) per sample of one batch."""

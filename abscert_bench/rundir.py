@@ -11,11 +11,9 @@ from typing import Any, Iterable
 from .errors import UserError
 
 
-def create_run_dir(path: Path, force: bool = False, resume: bool = False) -> Path:
-    """Create `path`; an existing one needs `force` (wipe it) or `resume` (keep it)."""
+def create_run_dir(path: Path, force: bool = False) -> Path:
+    """Create `path`; an existing non-empty one needs `force` (and is then wiped)."""
     if path.exists() and any(path.iterdir()):
-        if resume:
-            return path
         if not force:
             raise UserError(f"run directory {path} already exists; pass --force to overwrite it")
         shutil.rmtree(path)

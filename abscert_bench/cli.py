@@ -310,6 +310,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--data-root", default=None)
     p.set_defaults(func=cmd_bench)
+
+    from .harness.cli import add_run_parser
+
+    add_run_parser(sub)  # `run SPEC` and `run-table`
     return parser
 
 

@@ -1,0 +1,272 @@
+"""Run one cell (train → verify → optional export) into the store; safe to call in a Dask worker.
+
+Everything the cell produces is built in a private staging directory and committed by one rename
+(see store.py). Any exception becomes a `failed` result with its traceback; a missing dataset becomes
+`skipped` with the prepare hint; a stage over its time/memory cap becomes `stopped` with the reason.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import platform
+import socket
+import time
+import traceback
+from dataclasses import replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+from ..errors import UserError
+from .store import Store
+from .watchdog import CapExceeded, StageGuard
+
+PREPARE_HINT = "run `abscert-bench data prepare` (or put the files under --data-root / $ABSCERT_DATA)"
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+class CellLog:
+    """Appends timestamped lines to the cell's log file (one file per cell, every attempt)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+    def __call__(self, message: str) -> None:
+        with self.path.open("a") as handle:
+            handle.write(f"{datetime.now().strftime('%H:%M:%S')} {message}\n")
+
+
+@functools.lru_cache(maxsize=1)
+def warm_process() -> None:
+    """Pay a process's one-off costs before any timed stage: importing auto_LiRPA and the verifiers, and the
+    optimizer's first step (which imports torch._dynamo, seconds on a busy CPU). Otherwise the first cell of
+    every process would report a slower epoch than the others."""
+    import torch
+
+    from ..lirpa_compat import lirpa
+    from ..verify.base import all_verifier_names
+
+    lirpa()
+    all_verifier_names()  # imports baselines and the sound verifier
+    weight = torch.zeros(1, requires_grad=True)
+    torch.optim.Adam([weight]).step()
+
+
+@functools.lru_cache(maxsize=2)
+def _load(name: str, root: str | None):
+    from ..data import load_dataset
+
+    return load_dataset(name, root)
+
+
+def cell_dataset(params: dict[str, Any], data_root: str | None):
+    """The cell's dataset: train split limited to `train.limit` images, inputs resized when the spec says so."""
+    from ..data import Dataset
+
+    dataset = _load(params["dataset"], data_root)
+    limit = int(params["train"].get("limit") or 0)
+    if limit:
+        dataset = replace(dataset, train_x=dataset.train_x[:limit], train_y=dataset.train_y[:limit])
+    if params.get("resize"):
+        dataset = Dataset(dataset.name, resize_images(dataset.train_x, params["resize"]), dataset.train_y,
+                          resize_images(dataset.test_x, params["resize"]), dataset.test_y, dataset.num_classes)
+    return dataset
+
+
+def resize_images(x, shape: list[int]):
+    """Bilinear resize to H×W and channel repetition/truncation to C; pixels stay in [0,1]."""
+    import torch.nn.functional as F
+
+    channels, height, width = shape
+    x = F.interpolate(x, size=(height, width), mode="bilinear", align_corners=False).clamp(0, 1)
+    repeats = -(-channels // x.shape[1])
+    return x.repeat(1, repeats, 1, 1)[:, :channels].contiguous()
+
+
+def run_cell(params: dict[str, Any], cell_id: str, store_root: str, data_root: str | None = None,
+             torch_threads: int | None = None) -> dict[str, Any]:
+    """Run the cell and commit its result into the store; returns the committed result (never raises)."""
+    started = time.perf_counter()
+    store = Store(store_root)
+    log = CellLog(store.log_path(cell_id))
+    result: dict[str, Any] = {
+        "id": cell_id, "cell": params, "status": "done", "stages": {}, "started": _now(),
+        "host": socket.gethostname(), "pid": os.getpid(), "python": platform.python_version(),
+    }
+    staging = store.staging(cell_id)
+    log(f"=== attempt on {result['host']} pid {result['pid']} → {staging.name}")
+    try:
+        import torch
+
+        if torch_threads:
+            torch.set_num_threads(int(torch_threads))
+        result["torch_threads"] = torch.get_num_threads()
+        _run_stages(params, staging, result, data_root or params.get("data_root"), log)
+    except CapExceeded:  # raised outside a guard's block (a cap that fired during its exit): still a stop
+        result["status"] = "stopped"
+        result["reason"] = "over a cap"
+    except BaseException as exc:  # noqa: BLE001  a crash in a cell must not stop the suite
+        result["status"] = "failed"
+        result["error"] = f"{type(exc).__name__}: {exc}"
+        result["traceback"] = traceback.format_exc()
+        log(result["traceback"].rstrip())
+        if not isinstance(exc, Exception):  # KeyboardInterrupt / SystemExit: record, then let it go
+            _finish(store, staging, cell_id, result, started, log)
+            raise
+    return _finish(store, staging, cell_id, result, started, log)
+
+
+def _finish(store: Store, staging: Path, cell_id: str, result: dict[str, Any], started: float,
+            log: Callable[[str], None]) -> dict[str, Any]:
+    stage_seconds = sum(s.get("seconds", 0.0) for s in result["stages"].values())
+    result["finished"] = _now()
+    result["seconds"] = time.perf_counter() - started
+    result["harness_overhead_s"] = max(0.0, result["seconds"] - stage_seconds)
+    log(f"status {result['status']}" + (f": {result.get('reason') or result.get('error')}"
+                                        if result["status"] != "done" else "")
+        + f" ({result['seconds']:.1f} s, harness overhead {result['harness_overhead_s']:.2f} s)")
+    return store.commit(staging, cell_id, result)
+
+
+def _run_stages(params: dict[str, Any], staging: Path, result: dict[str, Any], data_root: str | None,
+                log: Callable[[str], None]) -> None:
+    from ..models import count_parameters
+    from ..trained import build_network
+    from ..training.loop import TrainConfig, run_training
+    from ..training.methods import create_method
+
+    try:
+        dataset = cell_dataset(params, data_root)
+    except UserError as exc:
+        if "not found" not in str(exc):
+            raise
+        result["status"] = "skipped"
+        result["reason"] = f"data missing: {exc}; {PREPARE_HINT}"
+        log(result["reason"])
+        return
+    train = params["train"]
+    eps = params["eps"]
+    config = TrainConfig(
+        dataset=params["dataset"], model=params["model"], method=params["method"], eps=eps, epochs=train["epochs"],
+        batch_size=train["batch_size"], lr=train["lr"], seed=params["seed"], activation=train["activation"],
+        warmup_epochs=train["warmup_epochs"], ramp_epochs=train["ramp_epochs"], kappa_end=train["kappa_end"],
+        method_options=dict(params["method_options"]), device=train["device"],
+    )
+    single = {k: (v[0] if k == "d" and isinstance(v, list) else v) for k, v in config.method_options.items()}
+    probe = create_method(config.method, eps, **single)
+    model_config = {"model": config.model, "input_shape": list(dataset.input_shape),
+                    "num_classes": dataset.num_classes, "activation": config.activation,
+                    "abstraction": probe.abstraction().to_dict() if probe.abstraction() else None}
+    result["parameters"] = count_parameters(build_network(model_config))
+    result["input_shape"] = list(dataset.input_shape)
+    result["train_images"] = len(dataset.train_x)
+    if params.get("resize"):
+        result["resized"] = "inputs resized to {}×{}×{} (only the shape matters here)".format(*params["resize"])
+    run_dir = staging / "run"
+    run_dir.mkdir()
+    epochs: list[dict[str, Any]] = []
+
+    def on_epoch(row: dict[str, Any]) -> None:
+        epochs.append({k: float(v) for k, v in row.items()})
+        log(f"train epoch {int(row['epoch'])}: loss {row['loss']:.4f} test acc {row['test_acc']:.3f} "
+            f"({row['train_time_s']:.2f} s)")
+
+    warm_process()  # one-off imports outside the timed, memory-measured stages
+    limits = params["limits"]
+    log(f"train {config.method} {config.model} on {config.dataset} (eps {eps:g}, {len(dataset.train_x)} images, "
+        f"{result['parameters']} parameters)")
+    with StageGuard(limits["time_cap_s"], limits["memory_cap_mb"], config.device) as guard:
+        run_training(config, dataset, run_dir, on_epoch=on_epoch)
+    final = epochs[-config.epochs:] if len(epochs) >= config.epochs else []  # the search's epochs come first
+    train_stage = {**guard.report(), "epochs": len(epochs),
+                   "s_per_epoch": (sum(e["train_time_s"] for e in final) / len(final)) if final else
+                   ((sum(e["train_time_s"] for e in epochs) / len(epochs)) if epochs else None)}
+    result["stages"]["train"] = train_stage
+    if guard.stopped:
+        _stop(result, f"training stopped after {len(epochs)} epoch(s): {guard.stopped}", log)
+        return
+    verify_stages(params, run_dir, dataset, result, log)
+    if params.get("export"):
+        export_stage(params, run_dir, staging, result, data_root, log)
+
+
+def _stop(result: dict[str, Any], reason: str, log: Callable[[str], None]) -> None:
+    result["status"] = "stopped"
+    result["reason"] = reason
+    log(reason)
+
+
+def verify_stages(params: dict[str, Any], run_dir: Path, dataset, result: dict[str, Any],
+                  log: Callable[[str], None]) -> None:
+    """Each applicable verifier (or their cascade) on the first `verify.limit` test images, each under the caps."""
+    import inspect
+
+    from ..trained import load_checkpoint
+    from ..verify.base import VERIFIERS, create_verifier
+    from ..verify.cascade import run_cascade
+    from ..verify.run import results_dir, write_results
+
+    verify, limits = params["verify"], params["limits"]
+    device = params["train"]["device"]
+    trained = load_checkpoint(run_dir / "checkpoint.pt", device)
+
+    def build(name: str):
+        options = dict(verify["options"].get(name, {}))
+        if "timeout" in inspect.signature(VERIFIERS.get(name)).parameters:
+            options.setdefault("timeout", verify["timeout"])
+        return create_verifier(name, **options)
+
+    built = [v for v in (build(n) for n in verify["verifiers"]) if v.applies_to(trained)]
+    if not built:
+        log("no verifier in verify.verifiers applies to this model")
+        return
+    n = min(int(verify["limit"]), len(dataset.test_x))
+    x, y = dataset.test_x[:n].to(device), dataset.test_y[:n].to(device)
+    eps = params["eps"]
+    out_dir = results_dir(run_dir, eps)
+    jobs = [("cascade:" + "+".join(v.name for v in built), built)] if verify["cascade"] else \
+        [(v.name, [v]) for v in built]
+    for name, stages in jobs:
+        with StageGuard(limits["time_cap_s"], limits["memory_cap_mb"], device) as guard:
+            if len(stages) == 1:
+                answers = stages[0].verify(trained, x, y, eps, batch_size=verify["batch_size"])
+            else:
+                answers = run_cascade(stages, trained, x, y, eps, batch_size=verify["batch_size"])
+            meaning = " > ".join(s.meaning for s in stages)
+            summary = write_results(out_dir, name, meaning, all(s.sound for s in stages),
+                                    all(s.attack_only for s in stages), eps, answers, x.cpu())
+        stage = guard.report()
+        if guard.stopped:
+            stage["status"] = "stopped"
+            result["stages"][f"verify:{name}"] = stage
+            _stop(result, f"verifier {name} stopped: {guard.stopped}", log)
+            continue
+        stage.update({"status": "ok", "samples": summary["samples"], "verified": summary["verified"],
+                      "falsified": summary["falsified"], "unknown": summary["unknown"],
+                      "ms_per_sample": 1000 * summary["time_mean_s"]})
+        result["stages"][f"verify:{name}"] = stage
+        log(f"verify {name}: verified {summary['verified']}/{summary['samples']}, falsified {summary['falsified']}, "
+            f"unknown {summary['unknown']} ({stage['ms_per_sample']:.1f} ms/sample)")
+
+
+def export_stage(params: dict[str, Any], run_dir: Path, staging: Path, result: dict[str, Any],
+                 data_root: str | None, log: Callable[[str], None]) -> None:
+    """VNN-COMP export of the trained model into the cell's vnncomp/ folder."""
+    from ..vnncomp import export_benchmark
+
+    if params.get("resize"):
+        result["stages"]["export"] = {"status": "skipped", "seconds": 0.0,
+                                      "reason": "inputs resized: the exported properties would not match the data"}
+        log("export skipped: inputs resized")
+        return
+    export = params["export"]
+    start = time.perf_counter()
+    meta = export_benchmark(run_dir, staging / "vnncomp", samples=export["samples"], seed=export["seed"],
+                            timeout=export["timeout"], data_root=data_root)
+    result["stages"]["export"] = {"status": "ok", "seconds": time.perf_counter() - start,
+                                  "instances": len(meta.get("instances", []))}
+    log(f"exported {result['stages']['export']['instances']} VNN-COMP instances")

@@ -1,0 +1,213 @@
+"""The results store of a suite: one directory per finished cell, each committed by one atomic rename.
+
+Layout (OUT = `run --out`):
+
+    OUT/suite.json            spec name, source, fingerprint and cell ids (written when the store is opened)
+    OUT/spec.toml             the spec text that wrote the store
+    OUT/cells/<id>/           a committed cell: result.json (+ run/ and, when exported, vnncomp/)
+    OUT/logs/<id>.log         every attempt's log lines and tracebacks, appended
+    OUT/.staging/             cells being built; whatever is here when a run starts is debris from a killed one
+    OUT/.lock                 held (flock) by the one `run` process using the store
+
+A cell is built in `.staging/<id>.<token>/`, its result.json written last, then the directory is renamed to
+`cells/<id>`: a kill -9 at any moment leaves either no cell or a whole one. A committed cell whose status is
+`done` or `stopped` (a time or memory cap) is never replaced; `failed` and `skipped` ones are retried on the
+next run and replaced by the same rename.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any, Iterator
+
+from ..errors import UserError
+from ..rundir import write_json
+from .spec import Spec
+
+STORE_FORMAT = "abscert-bench-suite/1"
+COMPLETE = ("done", "stopped")
+STATUSES = ("done", "stopped", "failed", "skipped")
+STORE_ENTRIES = {"suite.json", "suite.json.tmp", "spec.toml", "spec.toml.tmp", "cells", "logs", ".staging", ".lock",
+                 "tables", "plots"}
+
+
+class Store:
+    """A suite's results directory."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root).absolute()
+        self.cells_dir = self.root / "cells"
+        self.logs_dir = self.root / "logs"
+        self.staging_dir = self.root / ".staging"
+        self._lock_handle: Any = None
+
+    # -- opening -----------------------------------------------------------------------------------------------
+    def open(self, spec: Spec, force: bool = False) -> list[str]:
+        """Lock the store, refuse one written by a different spec (unless force: wipe it); returns debris removed."""
+        if self.root.exists() and not self.root.is_dir():
+            raise UserError(f"results store {self.root} is not a directory")
+        foreign = self.foreign_entries()
+        if foreign and not (self.root / "suite.json").exists():
+            raise UserError(f"{self.root} is not empty and is not a suite results store (it holds {foreign[0]!r}); "
+                            "choose another --out (nothing was deleted)")
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.lock()
+        meta = self.metadata()
+        if meta is not None and not force:
+            self._check_compatible(meta, spec)
+        if force and any(p.name != ".lock" for p in self.root.iterdir()):
+            for child in self.root.iterdir():
+                if child.name != ".lock":
+                    shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+        for folder in (self.cells_dir, self.logs_dir, self.staging_dir):
+            folder.mkdir(exist_ok=True)
+        removed = self.clear_debris()
+        if self.metadata() is None:
+            tmp = self.root / "spec.toml.tmp"
+            tmp.write_text(spec.text)
+            os.replace(tmp, self.root / "spec.toml")
+            write_json(self.root / "suite.json", {
+                "format": STORE_FORMAT, "name": spec.name, "source": spec.source,
+                "fingerprint": spec.fingerprint(), "cells": [c.id for c in spec.cells],
+            })
+        return removed
+
+    def foreign_entries(self) -> list[str]:
+        """Names in the store's directory that a store never writes (so it may be someone else's folder)."""
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir() if p.name not in STORE_ENTRIES)
+
+    def _check_compatible(self, meta: dict[str, Any], spec: Spec) -> None:
+        if meta.get("format") != STORE_FORMAT:
+            raise UserError(f"{self.root} holds a results store of format {meta.get('format')!r}, not "
+                            f"{STORE_FORMAT}; pass --force to replace it")
+        if meta.get("fingerprint") == spec.fingerprint():
+            return
+        old, new = set(meta.get("cells", [])), {c.id for c in spec.cells}
+        detail = (f"{len(new - old)} cells only in this spec, {len(old - new)} only in the store"
+                  if old != new else "same cells, different settings (epochs, options, verifiers, limits …)")
+        raise UserError(f"results store {self.root} was written by spec {meta.get('name')!r} ({meta.get('source')}) "
+                        f"and is incompatible with {spec.source} ({detail}); pass --force to discard it, "
+                        "or choose another --out")
+
+    def metadata(self) -> dict[str, Any] | None:
+        """suite.json, or None when the store has none yet."""
+        path = self.root / "suite.json"
+        if not path.exists():
+            return None
+        try:
+            return json.loads(path.read_text())
+        except json.JSONDecodeError:
+            raise UserError(f"{path} is corrupt; pass --force to replace the store") from None
+
+    def lock(self) -> None:
+        """Take the store's exclusive lock (released by the OS when this process dies, kill -9 included)."""
+        if self._lock_handle is not None:
+            return
+        handle = open(self.root / ".lock", "w")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            raise UserError(f"results store {self.root} is in use by another `abscert-bench run`") from None
+        self._lock_handle = handle
+
+    def unlock(self) -> None:
+        """Release the lock."""
+        if self._lock_handle is not None:
+            self._lock_handle.close()
+            self._lock_handle = None
+
+    def clear_debris(self) -> list[str]:
+        """Remove half-built cells left by a killed run; returns their names."""
+        removed = []
+        if self.staging_dir.exists():
+            for child in self.staging_dir.iterdir():
+                shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink(missing_ok=True)
+                removed.append(child.name)
+        return removed
+
+    # -- cells -------------------------------------------------------------------------------------------------
+    def cell_dir(self, cell_id: str) -> Path:
+        """Where a committed cell lives."""
+        return self.cells_dir / cell_id
+
+    def log_path(self, cell_id: str) -> Path:
+        """The cell's log file."""
+        return self.logs_dir / f"{cell_id}.log"
+
+    def result(self, cell_id: str) -> dict[str, Any] | None:
+        """The committed result of a cell, or None if absent or unreadable."""
+        return read_result(self.cell_dir(cell_id), cell_id)
+
+    def is_complete(self, cell_id: str) -> bool:
+        """Whether the cell has a committed `done`/`stopped` result (so a rerun skips it)."""
+        result = self.result(cell_id)
+        return result is not None and result["status"] in COMPLETE
+
+    def results(self, cell_ids: list[str] | None = None) -> Iterator[tuple[Path, dict[str, Any]]]:
+        """(cell directory, result) of every committed cell (or of the given ones), sorted by id."""
+        if not self.cells_dir.exists():
+            return
+        names = sorted(p.name for p in self.cells_dir.iterdir()) if cell_ids is None else cell_ids
+        for name in names:
+            result = self.result(name)
+            if result is not None:
+                yield self.cell_dir(name), result
+
+    def staging(self, cell_id: str) -> Path:
+        """A fresh private directory to build a cell in."""
+        path = self.staging_dir / f"{cell_id}.{uuid.uuid4().hex[:12]}"
+        path.mkdir(parents=True)
+        return path
+
+    def commit(self, staging: Path, cell_id: str, result: dict[str, Any]) -> dict[str, Any]:
+        """Write result.json last, then rename the staging directory into place; returns the result that won.
+
+        A complete result already in place is kept (nothing is ever duplicated or overwritten); an incomplete
+        one (failed / skipped / unreadable) is moved aside and replaced.
+        """
+        write_json(staging / "result.json", result)
+        final = self.cell_dir(cell_id)
+        trash = None
+        existing = read_result(final, cell_id) if final.exists() else None
+        if existing is not None and existing["status"] in COMPLETE:
+            shutil.rmtree(staging, ignore_errors=True)
+            return existing
+        if final.exists():
+            trash = self.staging_dir / f"{cell_id}.replaced.{uuid.uuid4().hex[:12]}"
+            os.rename(final, trash)
+        try:
+            os.rename(staging, final)
+        except OSError:  # another writer committed this cell between our check and the rename
+            shutil.rmtree(staging, ignore_errors=True)
+            winner = read_result(final, cell_id)
+            return winner if winner is not None else result
+        finally:
+            if trash is not None:
+                shutil.rmtree(trash, ignore_errors=True)
+        return result
+
+    def record(self, cell_id: str, result: dict[str, Any]) -> dict[str, Any]:
+        """Commit a result with no files besides result.json (a cell that failed before it started, say)."""
+        return self.commit(self.staging(cell_id), cell_id, result)
+
+
+def read_result(cell_dir: Path, cell_id: str | None = None) -> dict[str, Any] | None:
+    """A cell directory's result.json if it is whole and consistent (a complete cell also needs its run files)."""
+    try:
+        result = json.loads((cell_dir / "result.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if not isinstance(result, dict) or result.get("status") not in STATUSES:
+        return None
+    if cell_id is not None and result.get("id") != cell_id:
+        return None
+    if result["status"] == "done" and not (cell_dir / "run" / "checkpoint.pt").exists():
+        return None
+    return result

@@ -114,7 +114,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     summaries = verify_run(
         Path(args.run), verifiers=names, eps=args.eps, limit=args.limit, cascade=args.cascade,
         batch_size=args.batch_size, device=args.device, force=args.force, data_root=args.data_root,
-        progress_factory=_progress,
+        progress_factory=_progress, timeout=args.timeout,
     )
     for s in summaries:
         print(f"{s['verifier']:>14}: verified {s['verified']}/{s['samples']}  falsified {s['falsified']}  "
@@ -239,6 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cascade", action="store_true", help="run the verifiers as a cascade, cheap first")
     p.add_argument("--eps", type=float, default=None, help="default: the run's training eps")
     p.add_argument("--limit", type=int, default=None, help="verify only the first N test samples")
+    p.add_argument("--timeout", type=float, default=None,
+                   help="per-sample time limit (s) for verifiers that take one (abscert-sound; default 10)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="cpu")
     p.add_argument("--data-root", default=None)

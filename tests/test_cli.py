@@ -85,6 +85,8 @@ def test_unknown_verifier_and_bad_checkpoints(tmp_path, capsys):
     assert_one_line_error(code, err, "does not apply")
     code, _, err = run_cli(capsys, "verify", str(run), "--eps", "2")
     assert_one_line_error(code, err, "eps must be in [0, 1]")
+    code, _, err = run_cli(capsys, "verify", str(run), "--timeout", "0")
+    assert_one_line_error(code, err, "timeout must be > 0")
 
     corrupt = tmp_path / "corrupt"
     shutil.copytree(run, corrupt)
@@ -131,7 +133,8 @@ def test_sound_stage_report(tmp_path, capsys):
     run = tmp_path / "abscert"
     assert run_cli(capsys, "train", "--method", "abscert", "--d", "0.2", "--model", "fc3", "--epochs", "2",
                    "--out", str(run))[0] == 0
-    assert run_cli(capsys, "verify", str(run), "--verifiers", "abscert-paper,abscert-sound", "--limit", "12")[0] == 0
+    assert run_cli(capsys, "verify", str(run), "--verifiers", "abscert-paper,abscert-sound", "--limit", "12",
+                   "--timeout", "2")[0] == 0
     code, out, _ = run_cli(capsys, "table", str(tmp_path), "--sound-stages")
     assert code == 0
     row = out.splitlines()[2]

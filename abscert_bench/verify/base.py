@@ -99,6 +99,14 @@ def create_verifier(name: str, **options: Any) -> Verifier:
     return VERIFIERS.get(name)(**options)
 
 
+def verifier_takes(name: str, option: str) -> bool:
+    """Whether verifier `name`'s builder has the keyword `option` (e.g. 'timeout')."""
+    import inspect
+
+    all_verifier_names()
+    return option in inspect.signature(VERIFIERS.get(name)).parameters
+
+
 def all_verifier_names() -> list[str]:
     """Every registered verifier name."""
     import baselines  # noqa: F401

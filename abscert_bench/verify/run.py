@@ -10,7 +10,7 @@ from ..errors import UserError
 from ..rundir import read_json, write_csv, write_json
 from ..sound.recheck import save_counterexamples
 from ..trained import TrainedModel, check_input_shape, load_checkpoint
-from .base import SampleResult, Verifier, all_verifier_names, create_verifier, summarize
+from .base import SampleResult, Verifier, all_verifier_names, create_verifier, summarize, verifier_takes
 from .cascade import run_cascade
 
 
@@ -56,6 +56,7 @@ def verify_run(
     run_dir: Path, verifiers: list[str] | None = None, eps: float | None = None, limit: int | None = None,
     cascade: bool = False, batch_size: int = 64, device: str = "cpu", force: bool = False,
     data_root: str | None = None, progress_factory: Callable[[str, int], Any] | None = None,
+    timeout: float | None = None,
 ) -> list[dict[str, Any]]:
     """Run each verifier (or their cascade) on the run's test split and write the results; return summaries."""
     config = read_json(run_dir / "config.json")
@@ -64,7 +65,12 @@ def verify_run(
     check_input_shape(trained, dataset.input_shape, dataset.name)
     eps = check_eps(config["eps"] if eps is None else eps)
     names = verifiers or applicable_verifiers(trained)
-    built: list[Verifier] = [create_verifier(n) for n in names]
+    if timeout is not None and not timeout > 0:
+        raise UserError(f"per-sample timeout must be > 0 seconds, got {timeout}")
+    built: list[Verifier] = [
+        create_verifier(n, **({"timeout": timeout} if timeout is not None and verifier_takes(n, "timeout") else {}))
+        for n in names
+    ]
     for v in built:
         if not v.applies_to(trained):
             raise UserError(f"verifier {v.name} does not apply to this {config['method']} model ({v.meaning})")

@@ -290,6 +290,6 @@ class _BatchRun:
 
 
 @VERIFIERS.register("abscert-sound")
-def abscert_sound(**options: Any) -> Verifier:
+def abscert_sound(timeout: float = 10.0, **options: Any) -> Verifier:
     """The sound (and, given time, complete) check of the deployed AbsCert classifier."""
-    return SoundVerifier(**options)
+    return SoundVerifier(timeout=timeout, **options)

@@ -18,6 +18,8 @@ from .bounds import bounded_module, margin_lower_bounds, worst_case_logits
 class BoundTrainingMethod(TrainingMethod):
     """loss = kappa·CE(clean) + (1-kappa)·CE(worst case), worst case from margin lower bounds."""
 
+    uses_eps_schedule = True
+
     def __init__(self, name: str) -> None:
         self.name = name
         self.options = {}

@@ -19,6 +19,8 @@ def test_run_directory_contents(runs):
         rows = list(csv.DictReader((run_dir / "metrics.csv").open()))
         assert [int(r["epoch"]) for r in rows] == list(range(1, len(rows) + 1))
         assert all(float(r["train_time_s"]) > 0 for r in rows)
+        # the eps column is the training eps of bound-based methods only (AbsCert and natural ignore it)
+        assert all((r["eps"] != "") == (method in ("ibp", "crown-ibp")) for r in rows)
         assert (run_dir / "checkpoint.pt").exists()
 
 

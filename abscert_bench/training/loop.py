@@ -119,7 +119,8 @@ def train_model(
         if not math.isfinite(total_loss):
             raise UserError(f"training diverged (loss is NaN) at epoch {epoch}; lower --lr")
         row = {
-            "epoch": epoch, "eps": schedule.eps_at(step - 1), "loss": total_loss / len(train_x),
+            "epoch": epoch, "eps": schedule.eps_at(step - 1) if method.uses_eps_schedule else "",
+            "loss": total_loss / len(train_x),
             "train_acc": correct / len(train_x), "test_acc": evaluate(trained.classifier(), test_x, test_y),
             "train_time_s": train_time,
         }

@@ -18,6 +18,7 @@ class TrainingMethod:
 
     name = "natural"
     options: dict[str, Any] = {}
+    uses_eps_schedule = False  # True for methods whose loss follows the warm-up/ramp eps schedule
 
     def abstraction(self) -> Abstraction | None:
         """The abstraction in front of the network (None: the network sees raw images)."""

@@ -171,7 +171,7 @@ def _run_stages(params: dict[str, Any], staging: Path, result: dict[str, Any], d
     epochs: list[dict[str, Any]] = []
 
     def on_epoch(row: dict[str, Any]) -> None:
-        epochs.append({k: float(v) for k, v in row.items()})
+        epochs.append({k: (float(v) if v != "" else None) for k, v in row.items()})  # eps is "" without a schedule
         log(f"train epoch {int(row['epoch'])}: loss {row['loss']:.4f} test acc {row['test_acc']:.3f} "
             f"({row['train_time_s']:.2f} s)")
 

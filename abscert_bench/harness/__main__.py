@@ -1,4 +1,4 @@
-"""`python -m abscert_bench.harness run SPEC …` — the harness verbs without the main CLI."""
+"""`python -m abscert_bench.harness run SPEC …` — same as `abscert-bench run SPEC …`."""
 import sys
 
 from .cli import main

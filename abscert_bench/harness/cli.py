@@ -112,17 +112,7 @@ def cmd_run_table(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry point (`python -m abscert_bench.harness run …`), same errors as abscert-bench."""
-    import sys
+    """Stand-alone entry point (`python -m abscert_bench.harness run …`): the main CLI, same errors."""
+    from ..cli import main as cli_main
 
-    parser = argparse.ArgumentParser(prog="abscert-bench", description=__doc__)
-    add_run_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except UserError as exc:
-        print(f"abscert-bench: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("abscert-bench: interrupted", file=sys.stderr)
-        return 130
+    return cli_main(argv)

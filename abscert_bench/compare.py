@@ -37,9 +37,8 @@ def compare(
         run_dir = create_run_dir(out / run_name(config), force=force)
         on_epoch = on_epoch_factory(method) if on_epoch_factory else None
         run_training(config, dataset, run_dir, on_epoch=on_epoch)
-        verify_run(run_dir, verifiers=None if verifiers is None else _applicable(run_dir, verifiers),
-                   limit=verify_limit, device=base.device, force=force, data_root=data_root,
-                   progress_factory=progress_factory)
+        verify_run(run_dir, verifiers=verifiers, skip_inapplicable=True, limit=verify_limit, device=base.device,
+                   force=force, data_root=data_root, progress_factory=progress_factory)
     rows = collect([out])
     table = to_markdown(rows)
     (out / "table.md").write_text(table)
@@ -47,10 +46,3 @@ def compare(
     write_csv(out / "table.csv", csv_rows, fields)
     return table
 
-
-def _applicable(run_dir: Path, names: list[str]) -> list[str]:
-    from .trained import load_checkpoint
-    from .verify.base import create_verifier
-
-    trained = load_checkpoint(run_dir)
-    return [n for n in names if create_verifier(n).applies_to(trained)]

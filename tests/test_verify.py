@@ -148,6 +148,12 @@ def test_verify_run_writes_results_and_refuses_overwrite(runs):
     assert json.loads((run_dir / "verify" / "eps=0.1,first=10" / "ibp.json").read_text())["samples"] == 10
 
 
+def test_verify_run_can_skip_inapplicable_verifiers(runs):
+    summaries = verify_run(runs["abscert"], verifiers=["ibp", "abscert-paper"], limit=5, skip_inapplicable=True)
+    assert [s["verifier"] for s in summaries] == ["abscert-paper"]
+    assert verify_run(runs["natural"], verifiers=["abscert-paper"], limit=5, skip_inapplicable=True) == []
+
+
 def test_default_verifiers_follow_the_model(runs):
     assert "abscert-paper" in applicable_verifiers(load_checkpoint(runs["abscert"]))
     standard = applicable_verifiers(load_checkpoint(runs["natural"]))

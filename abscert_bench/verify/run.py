@@ -14,9 +14,9 @@ from .base import SampleResult, Verifier, all_verifier_names, create_verifier, s
 from .cascade import run_cascade
 
 
-def applicable_verifiers(trained: TrainedModel) -> list[str]:
-    """Names of every registered verifier that can check this model."""
-    return [name for name in all_verifier_names() if create_verifier(name).applies_to(trained)]
+def applicable_verifiers(trained: TrainedModel, among: list[str] | None = None) -> list[str]:
+    """Names of the verifiers (all registered ones, or those `among`) that can check this model."""
+    return [name for name in (all_verifier_names() if among is None else among) if create_verifier(name).applies_to(trained)]
 
 
 def results_dir(run_dir: Path, eps: float, first: int | None = None) -> Path:
@@ -56,7 +56,7 @@ def verify_run(
     run_dir: Path, verifiers: list[str] | None = None, eps: float | None = None, limit: int | None = None,
     cascade: bool = False, batch_size: int = 64, device: str = "cpu", force: bool = False,
     data_root: str | None = None, progress_factory: Callable[[str, int], Any] | None = None,
-    timeout: float | None = None,
+    timeout: float | None = None, skip_inapplicable: bool = False,
 ) -> list[dict[str, Any]]:
     """Run each verifier (or their cascade) on the run's test split and write the results; return summaries."""
     config = read_json(run_dir / "config.json")
@@ -64,7 +64,7 @@ def verify_run(
     dataset = load_dataset(config["dataset"], data_root)
     check_input_shape(trained, dataset.input_shape, dataset.name)
     eps = check_eps(config["eps"] if eps is None else eps)
-    names = verifiers or applicable_verifiers(trained)
+    names = applicable_verifiers(trained, verifiers) if skip_inapplicable or not verifiers else verifiers
     if timeout is not None and not timeout > 0:
         raise UserError(f"per-sample timeout must be > 0 seconds, got {timeout}")
     built: list[Verifier] = [

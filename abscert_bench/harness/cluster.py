@@ -11,6 +11,7 @@ import time
 from typing import Any, Callable
 
 from ..errors import UserError
+from .cost import estimate_cell_cost
 from .execute import run_cell
 from .spec import Cell
 from .store import Store
@@ -33,6 +34,12 @@ def _warm_worker(count: int, datasets: list[tuple[str, str | None]]) -> int:
         except UserError:
             pass  # missing data: the cells record it
     return torch.get_num_threads()
+
+
+def longest_first(cells: list[Cell]) -> list[Cell]:
+    """The cells by decreasing estimated cost (ties keep the spec's order): LPT list scheduling."""
+    costs = {cell.id: estimate_cell_cost(cell.params) for cell in cells}
+    return sorted(cells, key=lambda cell: -costs[cell.id])
 
 
 def make_client(workers: int | None = None, scheduler: str | None = None, torch_threads: int = 1,
@@ -77,9 +84,13 @@ def run_on_dask(cells: list[Cell], store_root: str, data_root: str | None,
         client, cluster = make_client(workers, scheduler, torch_threads, datasets)
         start = time.perf_counter()
         futures = {}
-        for cell in cells:
+        # Submitted longest first (an idle worker takes a task as soon as it arrives), and with a decreasing
+        # priority so that Dask keeps that order for the tasks still queued.
+        for rank, cell in enumerate(longest_first(cells)):
+            priority = len(cells) - rank
             future = client.submit(run_cell, cell.params, cell.id, store_root, data_root, torch_threads,
-                                   key=f"abscert-cell-{cell.id}-{os.getpid()}", pure=False, retries=0)
+                                   key=f"abscert-cell-{cell.id}-{os.getpid()}", pure=False, retries=0,
+                                   priority=priority)
             futures[future] = cell
         for future in as_completed(futures):
             cell = futures[future]

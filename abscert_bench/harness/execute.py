@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import UserError
+from .spec import VERIFIER_LIMIT
 from .store import Store
 from .watchdog import CapExceeded, StageGuard
 
@@ -71,6 +72,11 @@ def cell_dataset(params: dict[str, Any], data_root: str | None):
     limit = int(params["train"].get("limit") or 0)
     if limit:
         dataset = replace(dataset, train_x=dataset.train_x[:limit], train_y=dataset.train_y[:limit])
+        present = len(set(dataset.train_y.tolist()))
+        if present < dataset.num_classes:
+            raise UserError(f"train.limit = {limit}: the first {limit} training images of {dataset.name} hold only "
+                            f"{present} of its {dataset.num_classes} classes (is the data ordered by class? "
+                            "rebuild it with `abscert-bench data prepare --force`)")
     if params.get("resize"):
         dataset = Dataset(dataset.name, resize_images(dataset.train_x, params["resize"]), dataset.train_y,
                           resize_images(dataset.test_x, params["resize"]), dataset.test_y, dataset.num_classes)
@@ -179,7 +185,7 @@ def _run_stages(params: dict[str, Any], staging: Path, result: dict[str, Any], d
     limits = params["limits"]
     log(f"train {config.method} {config.model} on {config.dataset} (eps {eps:g}, {len(dataset.train_x)} images, "
         f"{result['parameters']} parameters)")
-    with StageGuard(limits["time_cap_s"], limits["memory_cap_mb"], config.device) as guard:
+    with StageGuard(limits["train_time_cap_s"], limits["memory_cap_mb"], config.device) as guard:
         run_training(config, dataset, run_dir, on_epoch=on_epoch)
     final = epochs[-config.epochs:] if len(epochs) >= config.epochs else []  # the search's epochs come first
     train_stage = {**guard.report(), "epochs": len(epochs),
@@ -214,8 +220,13 @@ def verify_stages(params: dict[str, Any], run_dir: Path, dataset, result: dict[s
     device = params["train"]["device"]
     trained = load_checkpoint(run_dir / "checkpoint.pt", device)
 
+    n_all = min(int(verify["limit"]), len(dataset.test_x))
+
+    def samples(name: str) -> int:
+        return min(n_all, int(verify["options"].get(name, {}).get(VERIFIER_LIMIT, n_all)))
+
     def build(name: str):
-        options = dict(verify["options"].get(name, {}))
+        options = {k: v for k, v in verify["options"].get(name, {}).items() if k != VERIFIER_LIMIT}
         if "timeout" in inspect.signature(VERIFIERS.get(name)).parameters:
             options.setdefault("timeout", verify["timeout"])
         return create_verifier(name, **options)
@@ -224,14 +235,14 @@ def verify_stages(params: dict[str, Any], run_dir: Path, dataset, result: dict[s
     if not built:
         log("no verifier in verify.verifiers applies to this model")
         return
-    n = min(int(verify["limit"]), len(dataset.test_x))
-    x, y = dataset.test_x[:n].to(device), dataset.test_y[:n].to(device)
     eps = params["eps"]
     out_dir = results_dir(run_dir, eps)
     jobs = [("cascade:" + "+".join(v.name for v in built), built)] if verify["cascade"] else \
         [(v.name, [v]) for v in built]
     for name, stages in jobs:
-        with StageGuard(limits["time_cap_s"], limits["memory_cap_mb"], device) as guard:
+        n = samples(stages[0].name) if len(stages) == 1 else n_all
+        x, y = dataset.test_x[:n].to(device), dataset.test_y[:n].to(device)
+        with StageGuard(limits["verify_time_cap_s"], limits["memory_cap_mb"], device) as guard:
             if len(stages) == 1:
                 answers = stages[0].verify(trained, x, y, eps, batch_size=verify["batch_size"])
             else:

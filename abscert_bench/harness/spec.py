@@ -31,11 +31,14 @@ VERIFY_DEFAULTS: dict[str, Any] = {
     "timeout": 10.0, "limit": 100, "batch_size": 64, "options": {},
 }
 EXPORT_DEFAULTS: dict[str, Any] = {"samples": 5, "seed": 0, "timeout": 60.0}
-LIMIT_DEFAULTS: dict[str, Any] = {"time_cap_s": 0.0, "memory_cap_mb": 0.0}
+# time_cap_s caps every stage; train_time_cap_s / verify_time_cap_s, when given, replace it for that kind of stage.
+LIMIT_DEFAULTS: dict[str, Any] = {"time_cap_s": 0.0, "memory_cap_mb": 0.0, "train_time_cap_s": None,
+                                  "verify_time_cap_s": None}
 DATA_DEFAULTS: dict[str, Any] = {"root": None, "resize": None}
 GRID_KEYS = {"datasets", "models", "eps", "seeds"}
 TOP_KEYS = {"name", "description", "grid", "train", "methods", "verify", "export", "limits", "data"}
 METHOD_KEYS = {"method", "sweep"}
+VERIFIER_LIMIT = "limit"  # [verify.options.<verifier>] limit = N: that verifier sees only the first N images
 GRANULARITY_OPTION = "d"  # AbsCert's granularity: each cell keeps only the values with d >= 2·eps (the paper's rule)
 
 
@@ -219,7 +222,13 @@ def parse_spec(data: dict[str, Any], source: str = "<spec>", text: str = "", def
     verifier_options = check.table(verify["options"], "verify.options", set(known_verifiers))
     for v, options in verifier_options.items():
         check.table(options, f"verify.options.{v}", None)
-        _build(check, f"verify.options.{v}", lambda v=v, o=options: VERIFIERS.get(v)(**o))
+        if VERIFIER_LIMIT in options:
+            check.number(options[VERIFIER_LIMIT], f"verify.options.{v}.{VERIFIER_LIMIT}", 1, integer=True)
+            if verify["cascade"]:
+                raise check.fail(f"verify.options.{v}.{VERIFIER_LIMIT}",
+                                 "a per-verifier limit needs cascade = false (a cascade runs on verify.limit images)")
+        builder_options = {k: o for k, o in options.items() if k != VERIFIER_LIMIT}
+        _build(check, f"verify.options.{v}", lambda v=v, o=builder_options: VERIFIERS.get(v)(**o))
     verify_params = {"verifiers": verifiers, "cascade": verify["cascade"], "timeout": float(verify["timeout"]),
                      "limit": verify["limit"], "batch_size": verify["batch_size"],
                      "options": {v: dict(o) for v, o in sorted(verifier_options.items())}}
@@ -232,7 +241,11 @@ def parse_spec(data: dict[str, Any], source: str = "<spec>", text: str = "", def
         check.number(export["timeout"], "export.timeout", 0.0, lo_open=True)
     limits = {**LIMIT_DEFAULTS, **check.table(data.get("limits"), "limits", set(LIMIT_DEFAULTS))}
     for key, value in limits.items():
-        check.number(value, f"limits.{key}", 0.0)
+        if value is not None:
+            check.number(value, f"limits.{key}", 0.0)
+    for stage in ("train", "verify"):
+        if limits[f"{stage}_time_cap_s"] is None:
+            limits[f"{stage}_time_cap_s"] = limits["time_cap_s"]
     data_table = {**DATA_DEFAULTS, **check.table(data.get("data"), "data", set(DATA_DEFAULTS))}
     resize = data_table["resize"]
     if resize is not None:

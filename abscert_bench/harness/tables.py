@@ -39,9 +39,19 @@ def load_rows(path: str | Path) -> list[dict[str, Any]]:
 
     rows = []
     for cell_dir, result in Store(path).results():
-        if result["status"] not in ("done", "stopped") or not (cell_dir / "run" / "metrics.csv").exists():
+        if result["status"] not in ("done", "stopped"):
             continue
         cell = result["cell"]
+        if not (cell_dir / "run" / "metrics.csv").exists():
+            train = result.get("stages", {}).get("train", {})
+            if train.get("stopped"):  # training went over a cap: a row that says so, with no numbers
+                rows.append({"label": cell["label"], "method": cell["method"], "seed": cell["seed"],
+                             "cell": result["id"], "dataset": _dataset_label(cell), "model": cell["model"],
+                             "eps": float(cell["eps"]), "train_eps": float(cell["eps"]), "clean_acc": float("nan"),
+                             "train_s_per_epoch": train.get("s_per_epoch") or float("nan"),
+                             "train_stopped": result.get("reason") or train["stopped"],
+                             "resized": result.get("resized", "")})
+            continue
         for row in collect([cell_dir / "run"]):
             row.update({"label": cell["label"], "seed": cell["seed"], "cell": result["id"],
                         "dataset": _dataset_label(cell), "resized": result.get("resized", "")})
@@ -149,16 +159,36 @@ def _meanings_present(rows: list[dict[str, Any]]) -> list[str]:
     return [m for m in MEANINGS if m in present]
 
 
+def samples_of(row: dict[str, Any]) -> int | None:
+    """The number of test images most of the row's verifiers ran on (the largest count)."""
+    counts = [int(v) for k, v in row.items() if k.endswith(":samples") and v is not None]
+    return max(counts) if counts else None
+
+
 def _main_cells(row: dict[str, Any], meanings: list[str], ms_format) -> list[str]:
+    """One cell per meaning: error and ms/sample, `n=N` where that verifier saw fewer images than the row."""
     cells = []
+    full = samples_of(row)
     for meaning in meanings:
         if f"{meaning}:stopped" in row and f"{meaning}:verified_acc" not in row:
             cells.append("stopped")
         elif f"{meaning}:verified_acc" in row:
-            cells.append(ms_format(_pct(verified_error(row, meaning)), _num(row.get(f"{meaning}:ms_per_sample"), 1)))
+            n = row.get(f"{meaning}:samples")
+            ms = _num(row.get(f"{meaning}:ms_per_sample"), 1) + (f"; n={int(n)}" if n and full and n < full else "")
+            cells.append(ms_format(_pct(verified_error(row, meaning)), ms))
         else:
             cells.append("–")
     return cells
+
+
+def _clean(row: dict[str, Any]) -> str:
+    return "stopped" if row.get("train_stopped") else _pct(1 - row["clean_acc"])
+
+
+def _stop_notes(rows: list[dict[str, Any]]) -> list[str]:
+    """One line per row whose training went over a cap."""
+    return [f"Stopped — {r['dataset']} {r['model']} ε={r['eps']:g} {r['label']}: {r['train_stopped']}."
+            for r in rows if r.get("train_stopped")]
 
 
 def _gap(row: dict[str, Any]) -> str:
@@ -170,19 +200,23 @@ def to_markdown(rows: list[dict[str, Any]]) -> str:
     """The comparison table and the AbsCert-vs-best-baseline summary, in Markdown."""
     rows = aggregate(rows)
     meanings = _meanings_present(rows)
-    headers = ["dataset", "model", "ε", "method", "seeds", "clean err %"] + \
+    headers = ["dataset", "model", "ε", "method", "seeds", "clean err %", "verified on"] + \
         [f"{TITLES[m]} err % (ms/sample)" for m in meanings] + ["paper ✓ / sound ✗", "train s/epoch"]
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     for row in rows:
-        cells = [row["dataset"], row["model"], f"{row['eps']:g}", row["label"], str(row["seeds"]),
-                 _pct(1 - row["clean_acc"])]
+        n = samples_of(row)
+        cells = [row["dataset"], row["model"], f"{row['eps']:g}", row["label"], str(row["seeds"]), _clean(row),
+                 str(n) if n else "–"]
         cells += _main_cells(row, meanings, lambda err, ms: f"{err} ({ms})")
         cells += [_gap(row), _num(row["train_s_per_epoch"])]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "Verified error = 1 − verified accuracy on the first `samples` test images (mean over seeds). "
+    lines += ["", "Verified error = 1 − verified accuracy on the first *verified on* test images (mean over "
+              "seeds); `n=N` marks a verifier run on fewer images. Clean error is on the whole test split. "
               "*AbsCert paper* is the published check (not sound); *AbsCert sound* verifies the deployed "
               "classifier; IBP / CROWN / α-CROWN bound the standard models. "
-              "*paper ✓ / sound ✗*: samples the paper check accepts but the sound check falsifies."]
+              "*paper ✓ / sound ✗*: samples the paper check accepts but the sound check falsifies. "
+              "*stopped*: the stage went over the spec's time or memory cap."]
+    lines += _stop_notes(rows)
     lines += _resized_notes(rows)
     lines += ["", summary_markdown(rows)]
     return "\n".join(lines) + "\n"
@@ -243,13 +277,13 @@ def to_latex(rows: list[dict[str, Any]]) -> str:
             out.append(r"\midrule")
         previous = key
         cells = [latex_escape(row["dataset"]), latex_escape(row["model"]), f"{row['eps']:g}",
-                 latex_escape(row["label"]), _pct(1 - row["clean_acc"])]
+                 latex_escape(row["label"]), latex_escape(_clean(row))]
         cells += [latex_escape(c) if c in ("–", "stopped") else c
                   for c in _main_cells(row, meanings, lambda err, ms: f"{err} {{\\scriptsize({ms})}}")]
         cells += [latex_escape(_gap(row)), _num(row["train_s_per_epoch"])]
         out.append(" & ".join(cells) + r" \\")
     out += [r"\bottomrule", r"\end{tabular}"]
-    out += [f"% {latex_escape(n)}" for n in _resized_notes(rows)]
+    out += [f"% {latex_escape(n)}" for n in _stop_notes(rows) + _resized_notes(rows)]
     entries = comparisons(rows)
     out += ["", r"\begin{tabular}{llrllrlrrrrr}", r"\toprule",
             r" & & & \multicolumn{3}{c}{AbsCert (best)} & \multicolumn{2}{c}{best baseline} & "

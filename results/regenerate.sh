@@ -35,3 +35,10 @@ for m in ibp crown-ibp abscert_d0.2_point; do
   $B export $OUT/mnist_dm_small_eps0.1_$m --out results/vnncomp/$m --samples 3 --seed 0 --timeout 30 --vnnlib2 $F
   $B vnncomp run results/vnncomp/$m $F
 done
+
+# Issue 5: the comparison harness. Each `run` resumes a store that exists (skipping complete cells); FORCE=--force
+# discards it and starts again. The benchmark runs quick three times into temporary stores and prints the ratios.
+$B run specs/quick.toml --workers 2 --out results/quick $F
+$B run specs/mnist.toml --workers 2 --out results/mnist $F
+$B run specs/scalability.toml --workers 2 --out results/scalability $F
+.venv/bin/python benchmarks/harness_benchmark.py > results/harness_benchmark.md

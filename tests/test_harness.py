@@ -213,6 +213,37 @@ def test_sigkill_mid_run_then_rerun(tmp_path):
     assert not list((store / ".staging").iterdir())
 
 
+def test_sigkill_during_verification_keeps_the_training(tmp_path):
+    """A cell killed after training (here: inside a slow verifier) trains no more on the rerun."""
+    text = CHEAP.replace("eps = [0.05, 0.1, 0.2]", "eps = [0.1]").replace('verifiers = ["ibp"]',
+                                                                          'verifiers = ["ibp", "alpha-crown"]') \
+        .replace("limit = 5", "limit = 200")
+    spec_path = write_spec(tmp_path, text)
+    store = tmp_path / "store"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "abscert_bench.harness", "run", str(spec_path), "--out",
+                             str(store), "--quiet", "--no-report", "--threads", "1"], cwd=tmp_path, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    cell_id = "digits_fc3_eps0.1_natural_s0"
+    deadline = time.time() + 120
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if (store / "partial" / cell_id / "train.json").exists():
+                break  # training is saved, verification has begun: kill now
+            time.sleep(0.02)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert (store / "partial" / cell_id / "run" / "checkpoint.pt").exists() and not (store / "cells" / cell_id).exists()
+    trained = (store / "partial" / cell_id / "run" / "metrics.csv").read_text()
+    report = run(load_spec(spec_path), store)
+    result = Store(store).result(cell_id)
+    assert report.count("done") == 1 and result["stages"]["train"]["reused"] is True
+    assert (store / "cells" / cell_id / "run" / "metrics.csv").read_text() == trained  # the same model, not retrained
+    assert "reusing the training" in (store / "logs" / f"{cell_id}.log").read_text()
+    assert not (store / "partial" / cell_id).exists()  # dropped once the cell is committed
+
+
 def test_failed_cell_recorded_others_complete(tmp_path, monkeypatch):
     spec = load_spec(write_spec(tmp_path, CHEAP))
     original = harness_execute.verify_stages

@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 from ..errors import UserError
 from .spec import VERIFIER_LIMIT
-from .store import Store
+from .store import COMPLETE, Store, link_tree
 from .watchdog import CapExceeded, StageGuard
 
 PREPARE_HINT = "run `abscert-bench data prepare` (or put the files under --data-root / $ABSCERT_DATA)"
@@ -111,7 +111,7 @@ def run_cell(params: dict[str, Any], cell_id: str, store_root: str, data_root: s
         if torch_threads:
             torch.set_num_threads(int(torch_threads))
         result["torch_threads"] = torch.get_num_threads()
-        _run_stages(params, staging, result, data_root or params.get("data_root"), log)
+        _run_stages(params, staging, result, data_root or params.get("data_root"), log, store)
     except CapExceeded:  # raised outside a guard's block (a cap that fired during its exit): still a stop
         result["status"] = "stopped"
         result["reason"] = "over a cap"
@@ -128,21 +128,24 @@ def run_cell(params: dict[str, Any], cell_id: str, store_root: str, data_root: s
 
 def _finish(store: Store, staging: Path, cell_id: str, result: dict[str, Any], started: float,
             log: Callable[[str], None]) -> dict[str, Any]:
-    stage_seconds = sum(s.get("seconds", 0.0) for s in result["stages"].values())
+    stage_seconds = sum(s.get("seconds", 0.0) for s in result["stages"].values() if not s.get("reused"))
     result["finished"] = _now()
     result["seconds"] = time.perf_counter() - started
     result["harness_overhead_s"] = max(0.0, result["seconds"] - stage_seconds)
     log(f"status {result['status']}" + (f": {result.get('reason') or result.get('error')}"
                                         if result["status"] != "done" else "")
         + f" ({result['seconds']:.1f} s, harness overhead {result['harness_overhead_s']:.2f} s)")
-    return store.commit(staging, cell_id, result)
+    committed = store.commit(staging, cell_id, result)
+    if committed["status"] in COMPLETE:
+        store.drop_training(cell_id)
+    return committed
 
 
 def _run_stages(params: dict[str, Any], staging: Path, result: dict[str, Any], data_root: str | None,
-                log: Callable[[str], None]) -> None:
+                log: Callable[[str], None], store: Store) -> None:
     from ..models import count_parameters
     from ..trained import build_network
-    from ..training.loop import TrainConfig, run_training
+    from ..training.loop import TrainConfig
     from ..training.methods import create_method
 
     try:
@@ -173,6 +176,26 @@ def _run_stages(params: dict[str, Any], staging: Path, result: dict[str, Any], d
     if params.get("resize"):
         result["resized"] = "inputs resized to {}×{}×{} (only the shape matters here)".format(*params["resize"])
     run_dir = staging / "run"
+    saved = store.saved_training(result["id"], params)
+    if saved is not None:  # an earlier attempt trained this model, then died in verification or export
+        link_tree(saved[0], run_dir)
+        result["stages"]["train"] = {**saved[1]["train"], "reused": True}
+        log(f"reusing the training saved by an earlier attempt ({saved[1]['train'].get('epochs')} epochs)")
+    else:
+        if not _train_stage(params, config, dataset, run_dir, result, log):
+            return
+        store.save_training(result["id"], run_dir, {"params": params, "train": result["stages"]["train"]})
+    verify_stages(params, run_dir, dataset, result, log)
+    if params.get("export"):
+        export_stage(params, run_dir, staging, result, data_root, log)
+
+
+def _train_stage(params: dict[str, Any], config, dataset, run_dir: Path, result: dict[str, Any],
+                 log: Callable[[str], None]) -> bool:
+    """Train into run_dir under the caps; records the stage; False when a cap stopped it."""
+    from ..training.loop import run_training
+
+    eps = params["eps"]
     run_dir.mkdir()
     epochs: list[dict[str, Any]] = []
 
@@ -194,10 +217,8 @@ def _run_stages(params: dict[str, Any], staging: Path, result: dict[str, Any], d
     result["stages"]["train"] = train_stage
     if guard.stopped:
         _stop(result, f"training stopped after {len(epochs)} epoch(s): {guard.stopped}", log)
-        return
-    verify_stages(params, run_dir, dataset, result, log)
-    if params.get("export"):
-        export_stage(params, run_dir, staging, result, data_root, log)
+        return False
+    return True
 
 
 def _stop(result: dict[str, Any], reason: str, log: Callable[[str], None]) -> None:

@@ -7,6 +7,8 @@ Layout (OUT = `run --out`):
     OUT/cells/<id>/           a committed cell: result.json (+ run/ and, when exported, vnncomp/)
     OUT/logs/<id>.log         every attempt's log lines and tracebacks, appended
     OUT/.staging/             cells being built; whatever is here when a run starts is debris from a killed one
+    OUT/partial/<id>/         a cell's finished training (run/ + train.json), kept until the cell commits, so
+                              a cell killed or crashed during verification or export does not train again
     OUT/.lock                 held (flock) by the one `run` process using the store
 
 A cell is built in `.staging/<id>.<token>/`, its result.json written last, then the directory is renamed to
@@ -32,7 +34,8 @@ STORE_FORMAT = "abscert-bench-suite/1"
 COMPLETE = ("done", "stopped")
 STATUSES = ("done", "stopped", "failed", "skipped")
 STORE_ENTRIES = {"suite.json", "suite.json.tmp", "spec.toml", "spec.toml.tmp", "cells", "logs", ".staging", ".lock",
-                 "tables", "plots"}
+                 "tables", "plots", "partial"}
+TRAINING_RECORD = "train.json"
 
 
 class Store:
@@ -43,6 +46,7 @@ class Store:
         self.cells_dir = self.root / "cells"
         self.logs_dir = self.root / "logs"
         self.staging_dir = self.root / ".staging"
+        self.partial_dir = self.root / "partial"
         self._lock_handle: Any = None
 
     # -- opening -----------------------------------------------------------------------------------------------
@@ -193,9 +197,54 @@ class Store:
                 shutil.rmtree(trash, ignore_errors=True)
         return result
 
+    # -- finished training of cells not yet committed --------------------------------------------------------
+    def saved_training(self, cell_id: str, params: dict[str, Any]) -> tuple[Path, dict[str, Any]] | None:
+        """(run directory, training record) saved by an earlier attempt of this cell with the same settings."""
+        folder = self.partial_dir / cell_id
+        try:
+            record = json.loads((folder / TRAINING_RECORD).read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+        if not isinstance(record, dict) or record.get("params") != params:
+            return None
+        if not all((folder / "run" / name).exists() for name in ("checkpoint.pt", "metrics.csv", "config.json")):
+            return None
+        return folder / "run", record
+
+    def save_training(self, cell_id: str, run_dir: Path, record: dict[str, Any]) -> None:
+        """Keep a copy (hard links where possible) of a finished training under partial/<id>, atomically."""
+        tmp = self.staging(cell_id + ".training")
+        link_tree(run_dir, tmp / "run")
+        write_json(tmp / TRAINING_RECORD, record)
+        self.partial_dir.mkdir(exist_ok=True)
+        self.drop_training(cell_id)
+        try:
+            os.rename(tmp, self.partial_dir / cell_id)
+        except OSError:  # another attempt saved it first: theirs is as good
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def drop_training(self, cell_id: str) -> None:
+        """Forget the saved training of a cell (once the cell is committed)."""
+        folder = self.partial_dir / cell_id
+        if folder.exists():
+            trash = self.staging_dir / f"{cell_id}.dropped.{uuid.uuid4().hex[:12]}"
+            os.rename(folder, trash)
+            shutil.rmtree(trash, ignore_errors=True)
+
     def record(self, cell_id: str, result: dict[str, Any]) -> dict[str, Any]:
         """Commit a result with no files besides result.json (a cell that failed before it started, say)."""
         return self.commit(self.staging(cell_id), cell_id, result)
+
+
+def link_tree(source: Path, target: Path) -> None:
+    """Copy a directory tree, hard-linking files where the filesystem allows (the files are never modified)."""
+    def link_or_copy(src: str, dst: str) -> None:
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
+    shutil.copytree(source, target, copy_function=link_or_copy)
 
 
 def read_result(cell_dir: Path, cell_id: str | None = None) -> dict[str, Any] | None:

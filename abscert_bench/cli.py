@@ -58,6 +58,9 @@ def add_training_args(p: argparse.ArgumentParser, single_method: bool) -> None:
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--grad-norm", type=float, default=0.0,
+                   help="clip the gradient's L2 norm to this before each step (0 = off; IBP training of large nets "
+                        "usually wants ~10)")
     p.add_argument("--warmup-epochs", type=int, default=1, help="IBP/CROWN-IBP epochs at eps = 0")
     p.add_argument("--ramp-epochs", type=int, default=5, help="IBP/CROWN-IBP epochs of linear eps ramp-up")
     p.add_argument("--kappa-end", type=float, default=0.5, help="final weight of the clean loss (IBP/CROWN-IBP)")
@@ -75,7 +78,7 @@ def base_config(args: argparse.Namespace, method: str):
         dataset=args.dataset, model=args.model, method=method, eps=args.eps, epochs=args.epochs,
         batch_size=args.batch_size, lr=args.lr, seed=args.seed, activation=args.activation,
         warmup_epochs=args.warmup_epochs, ramp_epochs=args.ramp_epochs, kappa_end=args.kappa_end,
-        device=args.device,
+        device=args.device, grad_norm=args.grad_norm,
     )
 
 

@@ -164,6 +164,7 @@ def _run_stages(params: dict[str, Any], staging: Path, result: dict[str, Any], d
         batch_size=train["batch_size"], lr=train["lr"], seed=params["seed"], activation=train["activation"],
         warmup_epochs=train["warmup_epochs"], ramp_epochs=train["ramp_epochs"], kappa_end=train["kappa_end"],
         method_options=dict(params["method_options"]), device=train["device"],
+        grad_norm=float(train.get("grad_norm", 0.0)),
     )
     single = {k: (v[0] if k == "d" and isinstance(v, list) else v) for k, v in config.method_options.items()}
     probe = create_method(config.method, eps, **single)

@@ -24,7 +24,7 @@ except ImportError:  # Python 3.10
 # Training settings a spec may set in [train] and override per method entry (TrainConfig fields + harness ones).
 TRAIN_DEFAULTS: dict[str, Any] = {
     "epochs": 10, "batch_size": 128, "lr": 1e-3, "activation": "relu", "warmup_epochs": 1, "ramp_epochs": 5,
-    "kappa_end": 0.5, "device": "cpu", "limit": 0,
+    "kappa_end": 0.5, "device": "cpu", "limit": 0, "grad_norm": 0.0,
 }
 VERIFY_DEFAULTS: dict[str, Any] = {
     "verifiers": ["abscert-paper", "abscert-sound", "ibp", "crown", "alpha-crown"], "cascade": False,
@@ -267,6 +267,7 @@ def _check_train(check: _Checker, train: dict[str, Any], key: str, activations: 
     check.number(train["ramp_epochs"], f"{key}.ramp_epochs", 0, integer=True)
     check.number(train["kappa_end"], f"{key}.kappa_end", 0.0, 1.0)
     check.number(train["limit"], f"{key}.limit", 0, integer=True)
+    check.number(train["grad_norm"], f"{key}.grad_norm", 0.0)
     if train["activation"] not in activations:
         raise check.fail(f"{key}.activation", f"unknown activation {train['activation']!r}; "
                          f"valid: {', '.join(activations)}")

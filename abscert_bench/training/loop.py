@@ -37,12 +37,15 @@ class TrainConfig:
     kappa_end: float = 0.5
     method_options: dict[str, Any] = field(default_factory=dict)
     device: str = "cpu"
+    grad_norm: float = 0.0  # clip the gradient's global L2 norm to this before each step (0 = no clipping)
 
     def validate(self) -> None:
         """Raise UserError on out-of-range values."""
         check_eps(self.eps)
         if self.epochs < 1 or self.batch_size < 1 or not (self.lr > 0 and math.isfinite(self.lr)):
             raise UserError("epochs and batch size must be >= 1 and lr > 0")
+        if not (self.grad_norm >= 0 and math.isfinite(self.grad_norm)):
+            raise UserError(f"grad_norm must be >= 0 (0 = no clipping), got {self.grad_norm}")
         if "d" in self.method_options:
             for d in _as_list(self.method_options["d"]):
                 check_granularity(d)
@@ -109,6 +112,8 @@ def train_model(
             loss, logits = method.loss(network, x, y, schedule, step)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if config.grad_norm > 0:
+                nn.utils.clip_grad_norm_(network.parameters(), config.grad_norm)
             optimizer.step()
             step += 1
             total_loss += float(loss.detach()) * len(idx)

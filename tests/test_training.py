@@ -121,3 +121,24 @@ def test_corrupt_and_nan_checkpoints(runs, tmp_path):
     save_checkpoint(trained, bad)
     with pytest.raises(UserError, match="NaN"):
         load_checkpoint(bad)
+
+
+def test_grad_norm_clips_every_step(digits):
+    """With a tiny gradient-norm cap the weights barely move; without it they move far; negative caps are refused."""
+    x, y = digits.train_x[:256], digits.train_y[:256]
+
+    def trained_weights(**options):
+        config = TrainConfig("digits", "fc3", "natural", 0.1, epochs=1, batch_size=64, **options)
+        config.validate()
+        trained, _ = train_model(config, create_method("natural", 0.1), x, y, x, y, 10)
+        return [p.detach() for p in trained.network.parameters()]
+
+    initial = trained_weights(lr=1e-30)  # same seed, same initialisation, no movement
+
+    def moved(weights):
+        return sum(float((w - w0).norm()) for w, w0 in zip(weights, initial))
+
+    # A clipped gradient of norm 1e-12 is far below Adam's eps (1e-8), so each update shrinks ~1e4-fold.
+    assert moved(trained_weights(grad_norm=1e-12)) < 0.1 * moved(trained_weights(grad_norm=0.0))
+    with pytest.raises(UserError, match="grad_norm"):
+        TrainConfig("digits", "fc3", "natural", 0.1, grad_norm=-1.0).validate()

@@ -151,8 +151,17 @@ def test_grid_expansion_and_sweep():
 
 def test_shipped_specs_are_valid():
     counts = {path.stem: len(load_spec(path).cells) for path in sorted((ROOT / "specs").glob("*.toml"))}
-    assert {"quick", "mnist", "fashion-mnist", "cifar10", "scalability"} <= set(counts)
+    assert {"quick", "mnist", "mnist-paper", "fashion-mnist", "fashion-mnist-paper", "cifar10",
+            "scalability"} <= set(counts)
     assert all(n > 0 for n in counts.values())
+    # the CPU-budget specs run the paper grids: same cells, smaller budget
+    for name in ("mnist", "fashion-mnist"):
+        cpu, paper = load_spec(ROOT / "specs" / f"{name}.toml"), load_spec(ROOT / "specs" / f"{name}-paper.toml")
+        assert {(c["model"], c["eps"], c["label"]) for c in cpu.cells} == \
+            {(c["model"], c["eps"], c["label"]) for c in paper.cells}
+    mnist = load_spec(ROOT / "specs" / "mnist.toml")
+    assert {c["model"] for c in mnist.cells} == {"fc3", "dm_small", "dm_medium", "dm_large"}
+    assert {c["eps"] for c in mnist.cells} == {0.1, 0.2, 0.3}
 
 
 # -- running and resuming -------------------------------------------------------------------------------------------

@@ -45,6 +45,15 @@ def main() -> int:
     parser.add_argument("--tiny", action="store_true", help="1 epoch, 300 training images, 5 verified samples")
     args = parser.parse_args()
     spec = tiny_spec(Path(args.spec), args.tiny)
+    import os
+    import platform
+    from datetime import datetime, timezone
+
+    import torch
+
+    print(f"# harness benchmark — {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {os.cpu_count()} CPU cores, "
+          f"{platform.machine()}, Python {platform.python_version()}, torch {torch.__version__}")
+    print(f"command: python benchmarks/harness_benchmark.py{' --tiny' if args.tiny else ''} --spec {args.spec}")
     print(f"spec {spec.name} ({len(spec.cells)} cells){' [tiny budget]' if args.tiny else ''}")
     with tempfile.TemporaryDirectory(prefix="harness-bench-") as tmp:
         tmp_path = Path(tmp)

@@ -76,6 +76,9 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> TrainedModel:
     if path.is_dir():
         path = path / "checkpoint.pt"
     if not path.exists():
+        if path.with_name(path.name + ".omitted.json").exists():
+            raise UserError(f"the checkpoint {path} was left out of this results store to keep it small "
+                            f"(see {path.name}.omitted.json); rerun the cell to recreate it")
         raise UserError(f"no checkpoint at {path}")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)

@@ -253,6 +253,27 @@ def test_sigkill_during_verification_keeps_the_training(tmp_path):
     assert not (store / "partial" / cell_id).exists()  # dropped once the cell is committed
 
 
+def test_slim_store_keeps_cells_complete(tmp_path, capsys):
+    spec = load_spec(write_spec(tmp_path, CHEAP))
+    store = tmp_path / "store"
+    run(spec, store)
+    rows_before = to_markdown(load_rows(store))
+    assert harness_main(["slim", str(store), "--max-mb", "0"]) == 0
+    assert "took 3 checkpoint(s) out" in capsys.readouterr().out
+    assert not list(store.glob("cells/*/run/checkpoint.pt"))
+    stub = json.loads(next(store.glob("cells/*/run/checkpoint.pt.omitted.json")).read_text())
+    assert stub["bytes"] > 0 and len(stub["sha256"]) == 64
+    assert all(Store(store).is_complete(c.id) for c in spec.cells)
+    assert to_markdown(load_rows(store)) == rows_before
+    assert run(spec, store).already == [c.id for c in spec.cells]  # nothing retrained
+    with pytest.raises(UserError, match="left out of this results store"):
+        from abscert_bench.trained import load_checkpoint
+
+        load_checkpoint(store / "cells" / spec.cells[0].id / "run")
+    assert harness_main(["slim", str(tmp_path / "nothing"), "--max-mb", "1"]) == 2
+    assert "no such results store" in capsys.readouterr().err
+
+
 def test_failed_cell_recorded_others_complete(tmp_path, monkeypatch):
     spec = load_spec(write_spec(tmp_path, CHEAP))
     original = harness_execute.verify_stages

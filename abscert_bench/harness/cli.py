@@ -39,6 +39,15 @@ def add_run_parser(subparsers: Any) -> None:
     p.add_argument("--scalability", action="store_true", help="print the scalability table instead")
     p.set_defaults(func=cmd_run_table)
 
+    p = subparsers.add_parser("slim", help="take large checkpoints out of a results store (to commit it to git)",
+                              description="Replace each committed checkpoint larger than --max-mb MiB by a small "
+                                          "stub (size, SHA-256). The cells stay complete: tables, plots and "
+                                          "resuming work as before; re-checking or exporting those models "
+                                          "needs them retrained.")
+    p.add_argument("store", help="results store written by `run`")
+    p.add_argument("--max-mb", type=float, required=True, help="keep checkpoints up to this size (MiB)")
+    p.set_defaults(func=cmd_slim)
+
 
 def cmd_run(args: argparse.Namespace) -> int:
     """`run`: execute a suite and print its summary."""
@@ -108,6 +117,20 @@ def cmd_run_table(args: argparse.Namespace) -> int:
     if args.plots:
         for written in make_plots(path, Path(args.plots)):
             print(f"wrote {written}")
+    return 0
+
+
+def cmd_slim(args: argparse.Namespace) -> int:
+    """`slim`: replace large checkpoints by stubs."""
+    from .store import slim_store
+
+    if not args.max_mb >= 0:
+        raise UserError(f"--max-mb must be >= 0, got {args.max_mb}")
+    if not Path(args.store).is_dir():
+        raise UserError(f"no such results store {args.store}")
+    removed = slim_store(args.store, args.max_mb)
+    total = sum(mb for _, mb in removed)
+    print(f"took {len(removed)} checkpoint(s) out ({total:.1f} MiB); kept those up to {args.max_mb:g} MiB")
     return 0
 
 

@@ -36,6 +36,7 @@ STATUSES = ("done", "stopped", "failed", "skipped")
 STORE_ENTRIES = {"suite.json", "suite.json.tmp", "spec.toml", "spec.toml.tmp", "cells", "logs", ".staging", ".lock",
                  "tables", "plots", "partial"}
 TRAINING_RECORD = "train.json"
+CHECKPOINT_STUB = "checkpoint.pt.omitted.json"  # left by `slim` where a large checkpoint was taken out of a store"
 
 
 class Store:
@@ -257,6 +258,32 @@ def read_result(cell_dir: Path, cell_id: str | None = None) -> dict[str, Any] | 
         return None
     if cell_id is not None and result.get("id") != cell_id:
         return None
-    if result["status"] == "done" and not (cell_dir / "run" / "checkpoint.pt").exists():
+    run_dir = cell_dir / "run"
+    if result["status"] == "done" and not ((run_dir / "checkpoint.pt").exists() or (run_dir / CHECKPOINT_STUB).exists()):
         return None
     return result
+
+
+def slim_store(root: str | Path, max_mb: float) -> list[tuple[str, float]]:
+    """Replace every committed checkpoint larger than `max_mb` MiB by a stub with its size and SHA-256, so a
+    store can be committed to git; results, tables and resuming are unaffected (the cell stays complete), only
+    re-checking or exporting that model needs it retrained. Returns (cell id, MiB) of what was taken out."""
+    import hashlib
+
+    store = Store(root)
+    if store.metadata() is None:
+        raise UserError(f"{store.root} is not a results store written by `run` (no suite.json)")
+    removed = []
+    for cell_dir, result in store.results():
+        checkpoint = cell_dir / "run" / "checkpoint.pt"
+        if not checkpoint.exists() or checkpoint.stat().st_size <= max_mb * 2**20:
+            continue
+        size = checkpoint.stat().st_size
+        digest = hashlib.sha256(checkpoint.read_bytes()).hexdigest()
+        write_json(cell_dir / "run" / CHECKPOINT_STUB, {
+            "omitted": "checkpoint.pt", "bytes": size, "sha256": digest,
+            "why": f"larger than {max_mb:g} MiB; rerun the cell (`run` with a fresh --out) to get it back",
+        })
+        checkpoint.unlink()
+        removed.append((result["id"], size / 2**20))
+    return removed

@@ -457,6 +457,7 @@ def test_markdown_and_latex_tables():
                    "α-CROWN err %", "train s/epoch", "relative reduction %", "training speed-up ×", "paper ✓ / sound ✗"]:
         assert column in markdown
     assert "| 90.0 | 2.00 | 4.00 | 2.00 |" in markdown  # paper: reduction 90 %, s/epoch 2 vs 4, speed-up 2
+    assert "| ibp (CROWN) | 10.0 | 50.0 | 90.0 |" in markdown  # best baseline, its clean and verified error
     assert "| 40.0 | 1.00 | 4.00 | 4.00 |" in markdown  # sound: reduction 40 %, speed-up 4
     assert "| 30.0 (30.0) |" in markdown  # sound verified error 30 % at 30 ms/sample
     latex = to_latex(fake_rows())

@@ -354,6 +354,11 @@ def test_per_verifier_limit_and_stage_caps(tmp_path):
     assert row["ibp:samples"] == 5 and row["crown:samples"] == 2
     markdown = to_markdown([row])
     assert "n=2" in markdown and "n=5" not in markdown
+    # a method entry may set its own training cap
+    capped = load_spec(write_spec(tmp_path, CHEAP.replace("[methods.natural]", "[methods.natural]\n"
+                                                          "train_time_cap_s = 5\n[methods.ibp]")))
+    caps = {c["label"]: c["limits"]["train_time_cap_s"] for c in capped.cells}
+    assert caps == {"natural": 5, "ibp": 0.0}
     # without the per-kind caps, time_cap_s caps both kinds of stage
     assert load_spec(write_spec(tmp_path, CHEAP + "[limits]\ntime_cap_s = 7\n")).cells[0]["limits"][
         "verify_time_cap_s"] == 7

@@ -46,6 +46,7 @@ def make_client(workers: int | None = None, scheduler: str | None = None, torch_
                 datasets: list[tuple[str, str | None]] | None = None):
     """A distributed.Client on a new LocalCluster (processes, 1 thread each) or on `scheduler`, workers warmed."""
     try:
+        import dask
         from distributed import Client, LocalCluster
     except ImportError:
         raise UserError("--workers / --scheduler need Dask: pip install dask distributed") from None
@@ -57,6 +58,9 @@ def make_client(workers: int | None = None, scheduler: str | None = None, torch_
         client.run(_warm_worker, torch_threads, datasets or [])  # workers that join later warm up in a cell
         return client, None
     env = {name: str(torch_threads) for name in THREAD_ENV}
+    # A cell that kills its worker (out of memory, say) is recorded failed at once rather than retried on the
+    # other workers: the next `run` retries it, after the user has seen why.
+    dask.config.set({"distributed.scheduler.allowed-failures": 0})
     cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
                            silence_logs=logging.ERROR, env=env)
     client = Client(cluster)
@@ -93,11 +97,14 @@ def run_on_dask(cells: list[Cell], store_root: str, data_root: str | None,
                                    priority=priority)
             futures[future] = cell
         for future in as_completed(futures):
-            cell = futures[future]
+            cell = futures.pop(future)
             try:
                 result = future.result()
             except Exception as exc:  # noqa: BLE001  e.g. KilledWorker: the worker process died mid-cell
                 result = (store or Store(store_root)).record(cell.id, failure_result(cell.id, cell.params, exc))
+            # Let go of the finished task at once: Dask recomputes a task whose result lived on a worker that
+            # dies later, and a cell is committed in the store, not held in worker memory.
+            future.release()
             finished(cell.id, result)
         return time.perf_counter() - start
     finally:

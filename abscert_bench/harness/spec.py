@@ -37,7 +37,7 @@ LIMIT_DEFAULTS: dict[str, Any] = {"time_cap_s": 0.0, "memory_cap_mb": 0.0, "trai
 DATA_DEFAULTS: dict[str, Any] = {"root": None, "resize": None}
 GRID_KEYS = {"datasets", "models", "eps", "seeds"}
 TOP_KEYS = {"name", "description", "grid", "train", "methods", "verify", "export", "limits", "data"}
-METHOD_KEYS = {"method", "sweep"}
+METHOD_KEYS = {"method", "sweep", "train_time_cap_s"}  # train_time_cap_s: this method's own training cap
 VERIFIER_LIMIT = "limit"  # [verify.options.<verifier>] limit = N: that verifier sees only the first N images
 GRANULARITY_OPTION = "d"  # AbsCert's granularity: each cell keeps only the values with d >= 2·eps (the paper's rule)
 
@@ -197,6 +197,10 @@ def parse_spec(data: dict[str, Any], source: str = "<spec>", text: str = "", def
         method_train = {**train, **overrides}
         _check_train(check, method_train, key, ACTIVATIONS)
         options = {k: v for k, v in entry.items() if k not in TRAIN_DEFAULTS and k not in METHOD_KEYS}
+        cap_override = {}
+        if "train_time_cap_s" in entry:
+            check.number(entry["train_time_cap_s"], f"{key}.train_time_cap_s", 0.0)
+            cap_override["train_time_cap_s"] = entry["train_time_cap_s"]
         parameters = inspect.signature(METHODS.get(method)).parameters
         for option in options:
             if option not in parameters or option == "eps":
@@ -207,7 +211,7 @@ def parse_spec(data: dict[str, Any], source: str = "<spec>", text: str = "", def
         for option in sweep:
             if option not in options or not isinstance(options[option], list) or not options[option]:
                 raise check.fail(f"{key}.sweep", f"{option!r} must name a list-valued option of this method")
-        entries.append((label, method, options, sweep, method_train))
+        entries.append((label, method, options, sweep, method_train, cap_override))
 
     verify = {**VERIFY_DEFAULTS, **check.table(data.get("verify"), "verify", set(VERIFY_DEFAULTS))}
     verifiers = check.string_list(verify["verifiers"], "verify.verifiers")
@@ -294,7 +298,7 @@ def _fmt(value: Any) -> str:
 
 def _expand(
     check: _Checker, datasets: list[str], models: list[str], eps_values: list[float], seeds: list[int],
-    entries: list[tuple[str, str, dict[str, Any], list[str], dict[str, Any]]], verify: dict[str, Any],
+    entries: list[tuple[str, str, dict[str, Any], list[str], dict[str, Any], dict[str, Any]]], verify: dict[str, Any],
     export: dict[str, Any] | None, limits: dict[str, Any], data_table: dict[str, Any],
 ) -> list[Cell]:
     """The grid: datasets × models × eps × method entries (× swept options) × seeds; duplicates are errors."""
@@ -302,7 +306,7 @@ def _expand(
 
     cells: list[Cell] = []
     seen: dict[str, str] = {}
-    for dataset, model, eps, (label, method, options, sweep, train), seed in itertools.product(
+    for dataset, model, eps, (label, method, options, sweep, train, cap_override), seed in itertools.product(
             datasets, models, eps_values, entries, seeds):
         key = f"methods.{label}"
         swept = [[(o, v) for v in options[o]] for o in sweep]
@@ -331,7 +335,7 @@ def _expand(
             params = {
                 "dataset": dataset, "model": model, "eps": float(eps), "seed": int(seed), "label": cell_label,
                 "entry": label, "method": method, "method_options": concrete, "train": dict(train),
-                "verify": verify, "export": export, "limits": limits, "resize": data_table["resize"],
+                "verify": verify, "export": export, "limits": {**limits, **cap_override}, "resize": data_table["resize"],
                 "data_root": data_table["root"],
             }
             token = json.dumps({k: v for k, v in params.items() if k not in ("label", "entry")}, sort_keys=True)

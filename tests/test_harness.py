@@ -222,6 +222,25 @@ def test_sigkill_mid_run_then_rerun(tmp_path):
     assert not list((store / ".staging").iterdir())
 
 
+def test_natural_training_is_shared_across_eps(tmp_path):
+    from abscert_bench.harness.spec import training_key
+
+    spec = load_spec(write_spec(tmp_path, CHEAP.replace("[methods.natural]", "[methods.natural]\n[methods.ibp]")))
+    keys = {c.id: training_key(c.id, c.params)[0] for c in spec.cells}
+    assert {keys[c.id] for c in spec.cells if c["method"] == "natural"} == {"digits_fc3_epsany_natural_s0"}
+    assert all(keys[c.id] == c.id for c in spec.cells if c["method"] == "ibp")  # IBP's training depends on eps
+    store = tmp_path / "store"
+    run(spec, store)
+    results = {c.id: Store(store).result(c.id) for c in spec.cells}
+    natural = [results[c.id] for c in spec.cells if c["method"] == "natural"]
+    assert [bool(r["stages"]["train"].get("reused")) for r in natural] == [False, True, True]
+    assert len({(store / "cells" / r["id"] / "run" / "metrics.csv").read_text() for r in natural}) == 1
+    assert not any(r["stages"]["train"].get("reused") for r in results.values() if r["cell"]["method"] == "ibp")
+    eps_verified = {json.loads(p.read_text())["eps"] for p in store.glob("cells/*natural*/run/verify/*/ibp.json")}
+    assert eps_verified == {0.05, 0.1, 0.2}  # each cell verifies the shared model at its own eps
+    assert not (store / "partial").exists() or not list((store / "partial").iterdir())  # dropped at the end
+
+
 def test_sigkill_during_verification_keeps_the_training(tmp_path):
     """A cell killed after training (here: inside a slow verifier) trains no more on the rerun."""
     text = CHEAP.replace("eps = [0.05, 0.1, 0.2]", "eps = [0.1]").replace('verifiers = ["ibp"]',
@@ -234,23 +253,24 @@ def test_sigkill_during_verification_keeps_the_training(tmp_path):
                              str(store), "--quiet", "--no-report", "--threads", "1"], cwd=tmp_path, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     cell_id = "digits_fc3_eps0.1_natural_s0"
+    saved = store / "partial" / "digits_fc3_epsany_natural_s0"  # natural training is saved under an eps-free key
     deadline = time.time() + 120
     try:
         while time.time() < deadline and proc.poll() is None:
-            if (store / "partial" / cell_id / "train.json").exists():
+            if (saved / "train.json").exists():
                 break  # training is saved, verification has begun: kill now
             time.sleep(0.02)
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    assert (store / "partial" / cell_id / "run" / "checkpoint.pt").exists() and not (store / "cells" / cell_id).exists()
-    trained = (store / "partial" / cell_id / "run" / "metrics.csv").read_text()
+    assert (saved / "run" / "checkpoint.pt").exists() and not (store / "cells" / cell_id).exists()
+    trained = (saved / "run" / "metrics.csv").read_text()
     report = run(load_spec(spec_path), store)
     result = Store(store).result(cell_id)
     assert report.count("done") == 1 and result["stages"]["train"]["reused"] is True
     assert (store / "cells" / cell_id / "run" / "metrics.csv").read_text() == trained  # the same model, not retrained
     assert "reusing the training" in (store / "logs" / f"{cell_id}.log").read_text()
-    assert not (store / "partial" / cell_id).exists()  # dropped once the cell is committed
+    assert not saved.exists()  # dropped once every cell using it is committed
 
 
 def test_slim_store_keeps_cells_complete(tmp_path, capsys):
@@ -425,6 +445,8 @@ def test_dask_two_workers_same_cells(tmp_path):
     assert cell_dirs(tmp_path / "dask") == sorted(c.id for c in spec.cells)
     results = [Store(tmp_path / "dask").result(c.id) for c in spec.cells]
     assert all(r["torch_threads"] == 1 for r in results)
+    # natural training ignores eps: one cell trained the model, the two others waited for it and reused it
+    assert sorted(bool(r["stages"]["train"].get("reused")) for r in results) == [False, True, True]
     assert len({r["pid"] for r in results}) >= 1 and all(r["pid"] != os.getpid() for r in results)
 
 

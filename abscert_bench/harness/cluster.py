@@ -13,7 +13,7 @@ from typing import Any, Callable
 from ..errors import UserError
 from .cost import estimate_cell_cost
 from .execute import run_cell
-from .spec import Cell
+from .spec import Cell, training_key
 from .store import Store
 
 THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
@@ -90,11 +90,17 @@ def run_on_dask(cells: list[Cell], store_root: str, data_root: str | None,
         futures = {}
         # Submitted longest first (an idle worker takes a task as soon as it arrives), and with a decreasing
         # priority so that Dask keeps that order for the tasks still queued.
+        # Cells that share a trained model (natural training at several eps) wait for the first of them, which
+        # trains it; they then reuse it instead of training it again at the same time.
+        leaders: dict[str, Any] = {}
         for rank, cell in enumerate(longest_first(cells)):
             priority = len(cells) - rank
+            key, _ = training_key(cell.id, cell.params)
+            after = leaders.get(key) if key != cell.id else None
             future = client.submit(run_cell, cell.params, cell.id, store_root, data_root, torch_threads,
-                                   key=f"abscert-cell-{cell.id}-{os.getpid()}", pure=False, retries=0,
-                                   priority=priority)
+                                   after=after, key=f"abscert-cell-{cell.id}-{os.getpid()}", pure=False,
+                                   retries=0, priority=priority)
+            leaders.setdefault(key, future)
             futures[future] = cell
         for future in as_completed(futures):
             cell = futures.pop(future)

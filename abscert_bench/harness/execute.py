@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import UserError
-from .spec import VERIFIER_LIMIT
+from .spec import VERIFIER_LIMIT, training_key
 from .store import COMPLETE, Store, link_tree
 from .watchdog import CapExceeded, StageGuard
 
@@ -94,8 +94,9 @@ def resize_images(x, shape: list[int]):
 
 
 def run_cell(params: dict[str, Any], cell_id: str, store_root: str, data_root: str | None = None,
-             torch_threads: int | None = None) -> dict[str, Any]:
-    """Run the cell and commit its result into the store; returns the committed result (never raises)."""
+             torch_threads: int | None = None, after: Any = None) -> dict[str, Any]:
+    """Run the cell and commit its result into the store; returns the committed result (never raises).
+    `after` is ignored: on Dask it is the result of a cell this one must wait for (the one training its model)."""
     started = time.perf_counter()
     store = Store(store_root)
     log = CellLog(store.log_path(cell_id))
@@ -136,7 +137,8 @@ def _finish(store: Store, staging: Path, cell_id: str, result: dict[str, Any], s
                                         if result["status"] != "done" else "")
         + f" ({result['seconds']:.1f} s, harness overhead {result['harness_overhead_s']:.2f} s)")
     committed = store.commit(staging, cell_id, result)
-    if committed["status"] in COMPLETE:
+    key, _ = training_key(cell_id, result["cell"])
+    if committed["status"] in COMPLETE and key == cell_id:  # shared trainings are dropped by the suite at the end
         store.drop_training(cell_id)
     return committed
 
@@ -177,15 +179,18 @@ def _run_stages(params: dict[str, Any], staging: Path, result: dict[str, Any], d
     if params.get("resize"):
         result["resized"] = "inputs resized to {}×{}×{} (only the shape matters here)".format(*params["resize"])
     run_dir = staging / "run"
-    saved = store.saved_training(result["id"], params)
-    if saved is not None:  # an earlier attempt trained this model, then died in verification or export
+    key, settings = training_key(result["id"], params)
+    saved = store.saved_training(key, settings)
+    if saved is not None:  # trained by an earlier attempt (that died later) or by a cell at another eps
         link_tree(saved[0], run_dir)
         result["stages"]["train"] = {**saved[1]["train"], "reused": True}
-        log(f"reusing the training saved by an earlier attempt ({saved[1]['train'].get('epochs')} epochs)")
+        log(f"reusing the training saved as {key} ({saved[1]['train'].get('epochs')} epochs, by "
+            f"{saved[1].get('cell', 'an earlier attempt')})")
     else:
         if not _train_stage(params, config, dataset, run_dir, result, log):
             return
-        store.save_training(result["id"], run_dir, {"params": params, "train": result["stages"]["train"]})
+        store.save_training(key, run_dir, {"params": settings, "train": result["stages"]["train"],
+                                           "cell": result["id"]})
     verify_stages(params, run_dir, dataset, result, log)
     if params.get("export"):
         export_stage(params, run_dir, staging, result, data_root, log)

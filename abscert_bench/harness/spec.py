@@ -263,6 +263,25 @@ def parse_spec(data: dict[str, Any], source: str = "<spec>", text: str = "", def
     return Spec(name=name, description=str(description), source=source, text=text, cells=cells)
 
 
+TRAINING_IRRELEVANT = ("verify", "export", "label", "entry")  # cell settings that do not change the trained model
+
+
+def training_key(cell_id: str, params: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """(key, settings) of the model a cell trains. Cells with the same key train the same model: natural training
+    ignores eps, so its cells at different eps share one model (the key replaces `_eps<eps>_` by `_epsany_`)."""
+    from ..training.methods import create_method
+
+    settings = {k: v for k, v in params.items() if k not in TRAINING_IRRELEVANT}
+    options = {k: (v[0] if k == GRANULARITY_OPTION and isinstance(v, list) else v)
+               for k, v in params["method_options"].items()}
+    method = create_method(params["method"], params["eps"], **options)
+    if method.uses_eps_schedule or method.abstraction() is not None:
+        return cell_id, settings
+    marker = f"_eps{params['eps']:g}_"
+    settings.pop("eps")
+    return cell_id.replace(marker, "_epsany_", 1), settings
+
+
 def _check_train(check: _Checker, train: dict[str, Any], key: str, activations: dict[str, Any]) -> None:
     check.number(train["epochs"], f"{key}.epochs", 1, integer=True)
     check.number(train["batch_size"], f"{key}.batch_size", 1, integer=True)

@@ -199,9 +199,9 @@ class Store:
         return result
 
     # -- finished training of cells not yet committed --------------------------------------------------------
-    def saved_training(self, cell_id: str, params: dict[str, Any]) -> tuple[Path, dict[str, Any]] | None:
-        """(run directory, training record) saved by an earlier attempt of this cell with the same settings."""
-        folder = self.partial_dir / cell_id
+    def saved_training(self, key: str, params: dict[str, Any]) -> tuple[Path, dict[str, Any]] | None:
+        """(run directory, training record) saved under `key` (see spec.training_key) with the same settings."""
+        folder = self.partial_dir / key
         try:
             record = json.loads((folder / TRAINING_RECORD).read_text())
         except (OSError, json.JSONDecodeError):
@@ -212,23 +212,23 @@ class Store:
             return None
         return folder / "run", record
 
-    def save_training(self, cell_id: str, run_dir: Path, record: dict[str, Any]) -> None:
-        """Keep a copy (hard links where possible) of a finished training under partial/<id>, atomically."""
-        tmp = self.staging(cell_id + ".training")
+    def save_training(self, key: str, run_dir: Path, record: dict[str, Any]) -> None:
+        """Keep a copy (hard links where possible) of a finished training under partial/<key>, atomically."""
+        tmp = self.staging(key + ".training")
         link_tree(run_dir, tmp / "run")
         write_json(tmp / TRAINING_RECORD, record)
         self.partial_dir.mkdir(exist_ok=True)
-        self.drop_training(cell_id)
+        self.drop_training(key)
         try:
-            os.rename(tmp, self.partial_dir / cell_id)
+            os.rename(tmp, self.partial_dir / key)
         except OSError:  # another attempt saved it first: theirs is as good
             shutil.rmtree(tmp, ignore_errors=True)
 
-    def drop_training(self, cell_id: str) -> None:
-        """Forget the saved training of a cell (once the cell is committed)."""
-        folder = self.partial_dir / cell_id
+    def drop_training(self, key: str) -> None:
+        """Forget a saved training (once every cell that uses it is committed)."""
+        folder = self.partial_dir / key
         if folder.exists():
-            trash = self.staging_dir / f"{cell_id}.dropped.{uuid.uuid4().hex[:12]}"
+            trash = self.staging_dir / f"{key}.dropped.{uuid.uuid4().hex[:12]}"
             os.rename(folder, trash)
             shutil.rmtree(trash, ignore_errors=True)
 

@@ -9,7 +9,7 @@ from typing import Any
 
 from ..errors import UserError
 from .execute import run_cell
-from .spec import Spec
+from .spec import Spec, training_key
 from .store import Store
 
 
@@ -94,10 +94,23 @@ def run_suite(
                                                scheduler=scheduler, torch_threads=torch_threads or 1, store=store)
         if bar is not None:
             bar.close()
+        drop_shared_trainings(spec, store)
         report.seconds = time.perf_counter() - start
         return report
     finally:
         store.unlock()
+
+
+def drop_shared_trainings(spec: Spec, store: Store) -> None:
+    """Forget each training that several cells share (natural models across eps) once all those cells are complete."""
+    groups: dict[str, list[str]] = {}
+    for cell in spec.cells:
+        key, _ = training_key(cell.id, cell.params)
+        if key != cell.id:
+            groups.setdefault(key, []).append(cell.id)
+    for key, cell_ids in groups.items():
+        if all(store.is_complete(cell_id) for cell_id in cell_ids):
+            store.drop_training(key)
 
 
 def _progress_bar(total: int, initial: int):

@@ -425,6 +425,18 @@ def test_cells_are_handed_out_longest_first():
         quick["digits_dm_small_eps0.1_abscert_s0"]
 
 
+def test_stage_guard_turns_a_huge_allocation_into_a_stop():
+    """One allocation far over the memory cap fails inside the stage (address-space limit) and is a stop."""
+    import resource
+
+    before = resource.getrlimit(resource.RLIMIT_AS)
+    with StageGuard(memory_cap_mb=256) as guard:
+        torch.empty(8 * 2**30, dtype=torch.uint8).fill_(1)  # 8 GiB at once: faster than any sampling
+    assert guard.stopped and "out of memory" in guard.stopped
+    assert resource.getrlimit(resource.RLIMIT_AS) == before  # the limit is lifted after the stage
+    torch.empty(512 * 2**20, dtype=torch.uint8).fill_(1)  # and ordinary allocations work again
+
+
 def test_stage_guard_measures_and_stops():
     with StageGuard(time_cap_s=0.1) as guard:
         while True:

@@ -4,7 +4,11 @@ Signals only reach the main thread, and Dask runs tasks in worker threads, so a 
 thread that raises `CapExceeded` inside the stage's thread (CPython's PyThreadState_SetAsyncExc). The exception
 arrives at the next Python bytecode, i.e. between torch operations: a stage stops within one operation of its cap.
 Memory is the resident set size (RSS) of the process above its value when the stage began, sampled every
-`interval` seconds; on CUDA the peak of torch.cuda.max_memory_allocated is reported as well.
+`interval` seconds; on CUDA the peak of torch.cuda.max_memory_allocated is reported as well. Sampling can miss a
+single allocation of many GB (CROWN's bound matrices on a large network), so with a memory cap the stage also
+runs under an address-space limit (RLIMIT_AS) of the process's size at the start plus the cap: such an
+allocation then fails inside the stage ("can't allocate memory") and is recorded as out of memory, instead of
+the operating system or a Dask nanny killing the whole process.
 """
 from __future__ import annotations
 
@@ -29,6 +33,43 @@ def rss_mb() -> float:
             return int(handle.read().split()[1]) * PAGE_SIZE / 2**20
     except (OSError, IndexError, ValueError):
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def virtual_mb() -> float | None:
+    """Current virtual size (address space) of this process in MiB, or None where /proc is missing."""
+    try:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[0]) * PAGE_SIZE / 2**20
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+class AddressSpaceLimit:
+    """Context manager: lower the soft RLIMIT_AS to (current virtual size + `extra_mb`), restore it after."""
+
+    def __init__(self, extra_mb: float) -> None:
+        self.extra_mb = extra_mb
+        self._previous: tuple[int, int] | None = None
+
+    def __enter__(self) -> "AddressSpaceLimit":
+        size = virtual_mb()
+        if not self.extra_mb or size is None:
+            return self
+        soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+        limit = int((size + self.extra_mb) * 2**20)
+        if hard != resource.RLIM_INFINITY:
+            limit = min(limit, hard)
+        if soft == resource.RLIM_INFINITY or limit < soft:
+            try:
+                resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+                self._previous = (soft, hard)
+            except (ValueError, OSError):
+                pass
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._previous is not None:
+            resource.setrlimit(resource.RLIMIT_AS, self._previous)
 
 
 def _raise_in(thread_id: int, exc_type: type[BaseException] | None) -> None:
@@ -66,6 +107,7 @@ class StageGuard:
 
             torch.cuda.reset_peak_memory_stats()
         self._start_rss = rss_mb()
+        self._address_limit = AddressSpaceLimit(self.memory_cap_mb if not self.cuda else 0.0).__enter__()
         self._start = time.perf_counter()
         self._active = True
         self._monitor = threading.Thread(target=self._watch, name="abscert-stage-guard", daemon=True)
@@ -98,6 +140,7 @@ class StageGuard:
                 _raise_in(self._thread_id, None)  # cancel an exception scheduled but not yet raised
         self._done.set()
         self._monitor.join()
+        self._address_limit.__exit__(None, None, None)
         self._sample()
         self.seconds = time.perf_counter() - self._start
         if self.cuda:
@@ -132,4 +175,6 @@ def _is_out_of_memory(exc: BaseException) -> bool:
             return True
     except AttributeError:
         pass
-    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+    message = str(exc).lower()
+    return isinstance(exc, RuntimeError) and any(text in message for text in ("out of memory", "can't allocate memory",
+                                                                             "cannot allocate memory"))

@@ -44,10 +44,10 @@ def plot_error_vs_eps(rows: list[dict[str, Any]], out_dir: Path) -> list[Path]:
     if not panels:
         return []
     fig, axes = _grid(len(panels))
-    for ax, (dataset, model) in zip(axes, panels):
-        members = [r for r in rows if (r["dataset"], r["model"]) == (dataset, model)]
-        series: dict[str, list[tuple[float, float]]] = {}
-        for r in members:
+    all_series: dict[tuple[str, str], dict[str, list[tuple[float, float]]]] = {}
+    for dataset, model in panels:
+        series = all_series.setdefault((dataset, model), {})
+        for r in (r for r in rows if (r["dataset"], r["model"]) == (dataset, model)):
             meanings = ["abscert-paper", "abscert-sound"] if kind(r) == "abscert" else ["best-bound"]
             for meaning in meanings:
                 error = verified_error(r, meaning)
@@ -55,10 +55,17 @@ def plot_error_vs_eps(rows: list[dict[str, Any]], out_dir: Path) -> list[Path]:
                     continue
                 name = r["label"] + {"abscert-paper": " (paper check)", "abscert-sound": " (sound)"}.get(meaning, "")
                 series.setdefault(name, []).append((r["eps"], 100 * error))
+    # one colour per series across all panels, so a colour means the same method everywhere
+    names = sorted({name for series in all_series.values() for name in series})
+    palette = _pyplot().rcParams["axes.prop_cycle"].by_key()["color"]
+    colours = {name: palette[i % len(palette)] for i, name in enumerate(names)}
+    for ax, (dataset, model) in zip(axes, panels):
+        series = all_series[(dataset, model)]
         for name, points in sorted(series.items()):
             points.sort()
             style = "--" if "paper check" in name else "-"
-            ax.plot([p[0] for p in points], [p[1] for p in points], style, marker="o", label=name)
+            ax.plot([p[0] for p in points], [p[1] for p in points], style, marker="o", label=name,
+                    color=colours[name])
         ax.set_title(f"{dataset} / {model}")
         ax.set_xlabel("ε")
         ax.set_ylabel("verified error %")
@@ -66,6 +73,7 @@ def plot_error_vs_eps(rows: list[dict[str, Any]], out_dir: Path) -> list[Path]:
         ax.grid(alpha=0.3)
         if series:
             ax.legend(fontsize=7)
+    fig.tight_layout()
     return _save(fig, out_dir, "verified_error_vs_eps")
 
 

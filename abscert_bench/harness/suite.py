@@ -123,7 +123,11 @@ def failure_result(cell_id: str, params: dict[str, Any], error: BaseException) -
     """A `failed` result for a cell whose task died outside run_cell (a killed Dask worker, say)."""
     import traceback
 
+    message = f"{type(error).__name__}: {error}"
+    if type(error).__name__ == "KilledWorker":
+        message = ("KilledWorker: the worker process died while running this cell (most often out of memory "
+                   "beyond the Dask nanny's limit; lower limits.memory_cap_mb or verify.batch_size)")
     return {"id": cell_id, "cell": params, "status": "failed", "stages": {},
-            "error": f"{type(error).__name__}: {error}",
+            "error": message,
             "traceback": "".join(traceback.format_exception(type(error), error, error.__traceback__))}
 

@@ -53,7 +53,9 @@ def main() -> int:
 
     print(f"# harness benchmark — {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {os.cpu_count()} CPU cores, "
           f"{platform.machine()}, Python {platform.python_version()}, torch {torch.__version__}")
-    print(f"command: python benchmarks/harness_benchmark.py{' --tiny' if args.tiny else ''} --spec {args.spec}")
+    spec_path = Path(args.spec).resolve()
+    shown = spec_path.relative_to(ROOT) if spec_path.is_relative_to(ROOT) else spec_path
+    print(f"command: python benchmarks/harness_benchmark.py{' --tiny' if args.tiny else ''} --spec {shown}")
     print(f"spec {spec.name} ({len(spec.cells)} cells){' [tiny budget]' if args.tiny else ''}")
     with tempfile.TemporaryDirectory(prefix="harness-bench-") as tmp:
         tmp_path = Path(tmp)

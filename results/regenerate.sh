@@ -38,7 +38,12 @@ done
 
 # Issue 5: the comparison harness. Each `run` resumes a store that exists (skipping complete cells); FORCE=--force
 # discards it and starts again. The benchmark runs quick three times into temporary stores and prints the ratios.
-$B run specs/quick.toml --workers 2 --out results/quick $F
-$B run specs/mnist.toml --workers 2 --out results/mnist $F
-$B run specs/scalability.toml --workers 2 --out results/scalability $F
+# `run` exits 1 when a cell failed (mnist: 4 natural cells kill their worker in CROWN); the stores are still written.
+# For committing: saved trainings of unfinished cells (partial/) are dropped and checkpoints over 3 MiB replaced
+# by stubs (`slim`).
+for suite in quick mnist scalability; do
+  $B run specs/$suite.toml --workers 2 --out results/$suite $F || true
+  rm -rf results/$suite/partial
+  $B slim results/$suite --max-mb 3
+done
 .venv/bin/python benchmarks/harness_benchmark.py > results/harness_benchmark.md

@@ -490,6 +490,13 @@ def test_comparison_numbers_from_known_rows():
     assert sound["speedup"] == pytest.approx(4.0)
 
 
+def test_best_bound_ignores_a_verifier_run_on_fewer_images():
+    row = {**fake_rows()[2], "ibp:samples": 100, "crown:samples": 100,
+           "alpha-crown:verified_acc": 0.9, "alpha-crown:samples": 10}  # 10 % error on 10 images only
+    entries = comparisons([row, fake_rows()[0]])
+    assert entries[0]["baseline_verifier"] == "crown" and entries[0]["baseline_error"] == pytest.approx(0.5)
+
+
 def test_markdown_and_latex_tables():
     markdown = to_markdown(fake_rows())
     for column in ["clean err %", "AbsCert paper err %", "AbsCert sound err %", "IBP err %", "CROWN err %",

@@ -41,7 +41,7 @@ done
 # `run` exits 1 when a cell failed (mnist: 4 natural cells kill their worker in CROWN); the stores are still written.
 # For committing: saved trainings of unfinished cells (partial/) are dropped and checkpoints over 3 MiB replaced
 # by stubs (`slim`).
-for suite in quick mnist scalability; do
+for suite in quick mnist fashion-mnist scalability; do
   $B run specs/$suite.toml --workers 2 --out results/$suite $F || true
   rm -rf results/$suite/partial
   $B slim results/$suite --max-mb 3

@@ -7,6 +7,7 @@ Everything the cell produces is built in a private staging directory and committ
 from __future__ import annotations
 
 import functools
+import gc
 import os
 import platform
 import socket
@@ -258,15 +259,17 @@ def verify_stages(params: dict[str, Any], run_dir: Path, dataset, result: dict[s
             options.setdefault("timeout", verify["timeout"])
         return create_verifier(name, **options)
 
-    built = [v for v in (build(n) for n in verify["verifiers"]) if v.applies_to(trained)]
-    if not built:
+    applicable = [n for n in verify["verifiers"] if build(n).applies_to(trained)]
+    if not applicable:
         log("no verifier in verify.verifiers applies to this model")
         return
     eps = params["eps"]
     out_dir = results_dir(run_dir, eps)
-    jobs = [("cascade:" + "+".join(v.name for v in built), built)] if verify["cascade"] else \
-        [(v.name, [v]) for v in built]
-    for name, stages in jobs:
+    # Each job builds its verifiers afresh and drops them after: a bound verifier caches its BoundedModule, with
+    # every intermediate bound it computed, so one left alive keeps its GBs while the next verifier runs.
+    jobs = [("cascade:" + "+".join(applicable), applicable)] if verify["cascade"] else [(n, [n]) for n in applicable]
+    for name, names in jobs:
+        stages = [build(n) for n in names]
         n = samples(stages[0].name) if len(stages) == 1 else n_all
         x, y = dataset.test_x[:n].to(device), dataset.test_y[:n].to(device)
         with StageGuard(limits["verify_time_cap_s"], limits["memory_cap_mb"], device) as guard:
@@ -277,6 +280,8 @@ def verify_stages(params: dict[str, Any], run_dir: Path, dataset, result: dict[s
             meaning = " > ".join(s.meaning for s in stages)
             summary = write_results(out_dir, name, meaning, all(s.sound for s in stages),
                                     all(s.attack_only for s in stages), eps, answers, x.cpu())
+        stages = answers = None  # drop the verifiers (and their cached bounds) before the next job
+        gc.collect()  # a stopped stage's traceback frames hold its tensors in reference cycles
         stage = guard.report()
         if guard.stopped:
             stage["status"] = "stopped"

@@ -38,7 +38,7 @@ done
 
 # Issue 5: the comparison harness. Each `run` resumes a store that exists (skipping complete cells); FORCE=--force
 # discards it and starts again. The benchmark runs quick three times into temporary stores and prints the ratios.
-# `run` exits 1 when a cell failed (mnist: 4 natural cells kill their worker in CROWN); the stores are still written.
+# `run` exits 1 when a cell failed (rerunning the same command retries failed cells); the stores are still written.
 # For committing: saved trainings of unfinished cells (partial/) are dropped and checkpoints over 3 MiB replaced
 # by stubs (`slim`).
 for suite in quick mnist fashion-mnist scalability; do

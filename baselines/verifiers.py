@@ -30,6 +30,11 @@ class BoundVerifier(Verifier):
             self._bounded[key] = bounded_module(trained.network, example, self.bound_opts)
         return self._bounded[key]
 
+    def release(self) -> None:
+        """Drop the BoundedModules: they hold every intermediate bound of the last batch (GBs for CROWN on a
+        large network), which must not outlive the `verify` call."""
+        self._bounded.clear()
+
     def margins(self, bounded, lower, upper, y, num_classes) -> torch.Tensor:
         """Margin lower bounds for a batch of correctly classified samples."""
         return margin_lower_bounds(bounded, lower, upper, y, num_classes, self.name).detach()
@@ -74,6 +79,11 @@ class AlphaCrownVerifier(BoundVerifier):
             if found[row]:
                 answers[i] = ("falsified", adversarial[row].detach().cpu().numpy(), {"reason": "pgd"})
         return keep[~found]
+
+    def release(self) -> None:
+        """Drop the BoundedModules: they hold every intermediate bound of the last batch (GBs for CROWN on a
+        large network), which must not outlive the `verify` call."""
+        self._bounded.clear()
 
     def margins(self, bounded, lower, upper, y, num_classes) -> torch.Tensor:
         crown = margin_lower_bounds(bounded, lower, upper, y, num_classes, "crown").detach()

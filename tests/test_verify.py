@@ -158,3 +158,25 @@ def test_default_verifiers_follow_the_model(runs):
     assert "abscert-paper" in applicable_verifiers(load_checkpoint(runs["abscert"]))
     standard = applicable_verifiers(load_checkpoint(runs["natural"]))
     assert {"ibp", "crown", "alpha-crown", "pgd"} <= set(standard) and "abscert-paper" not in standard
+
+
+@pytest.mark.parametrize("name", ["ibp", "crown", "alpha-crown"])
+def test_bound_verifiers_release_their_bounded_module(runs, batch, name, monkeypatch):
+    """The BoundedModule (all intermediate bounds) lives only for one `verify` call, also when the call fails."""
+    trained = load_checkpoint(runs["ibp"])
+    x, y = batch
+    verifier = create_verifier(name)
+    seen = []
+    original = verifier.bounded_for
+    monkeypatch.setattr(verifier, "bounded_for", lambda *a: seen.append(original(*a)) or seen[-1])
+    verifier.verify(trained, x[:4], y[:4], 0.05, batch_size=2)
+    assert seen and not verifier._bounded  # built for the batches, gone afterwards
+
+    def failing(*args):
+        original(*args)
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(verifier, "bounded_for", failing)
+    with pytest.raises(RuntimeError):
+        verifier.verify(trained, x[:4], y[:4], 0.05)
+    assert not verifier._bounded

@@ -59,10 +59,10 @@ def make_client(workers: int | None = None, scheduler: str | None = None, torch_
         return client, None
     env = {name: str(torch_threads) for name in THREAD_ENV}
     # A cell that kills its worker (out of memory, say) is recorded failed at once rather than retried on the
-    # other workers: the next `run` retries it, after the user has seen why.
-    dask.config.set({"distributed.scheduler.allowed-failures": 0})
-    cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
-                           silence_logs=logging.ERROR, env=env)
+    # other workers: the next `run` retries it, after the user has seen why. (Read when the scheduler starts.)
+    with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
+        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
+                               silence_logs=logging.ERROR, env=env)
     client = Client(cluster)
     client.run(_warm_worker, torch_threads, datasets or [])
     return client, cluster

@@ -54,8 +54,15 @@ def forward_macs(model: str, shape: tuple[int, int, int], num_classes: int = 10)
 
 def estimate_cell_cost(params: dict[str, Any], train_images: int = 2000) -> float:
     """Relative cost of a cell (train + every verifier); only the order between cells is meaningful."""
+    from types import SimpleNamespace
+
+    from ..verify.base import create_verifier
+    from .spec import VERIFIER_LIMIT, cell_method
+
+    abstraction = cell_method(params).abstraction()
+    model_kind = SimpleNamespace(abstraction=abstraction)  # all that `Verifier.applies_to` looks at
     shape = tuple(params.get("resize") or NOMINAL_SHAPES.get(params["dataset"], (1, 28, 28)))
-    channels = shape[0] * (2 if params["method"] == "abscert" else 1)
+    channels = shape[0] * (2 if abstraction is not None else 1)
     try:
         macs = forward_macs(params["model"], (channels, shape[1], shape[2]))
     except Exception:  # noqa: BLE001  an estimate must never stop a suite
@@ -72,10 +79,5 @@ def estimate_cell_cost(params: dict[str, Any], train_images: int = 2000) -> floa
         per_image *= 1 + ABSCERT_SEARCH_FRACTION * len(grid)
     samples = int(verify["limit"])
     per_sample = sum(VERIFY_FACTORS.get(name, 100.0) * min(samples, int(verify["options"].get(name, {}).get(
-        "limit", samples))) for name in verify["verifiers"] if _applies(name, method))
+        VERIFIER_LIMIT, samples))) for name in verify["verifiers"] if create_verifier(name).applies_to(model_kind))
     return macs * (3.0 * images * per_image + per_sample)
-
-
-def _applies(verifier: str, method: str) -> bool:
-    """abscert-* verifiers check AbsCert models only; the bound verifiers check the others."""
-    return verifier.startswith("abscert") == (method == "abscert")

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import UserError
-from .spec import VERIFIER_LIMIT, training_key
+from .spec import VERIFIER_LIMIT, cell_method, training_key
 from .store import COMPLETE, Store, link_tree
 from .watchdog import CapExceeded, StageGuard
 
@@ -149,8 +149,6 @@ def _run_stages(params: dict[str, Any], staging: Path, result: dict[str, Any], d
     from ..models import count_parameters
     from ..trained import build_network
     from ..training.loop import TrainConfig
-    from ..training.methods import create_method
-
     try:
         dataset = cell_dataset(params, data_root)
     except UserError as exc:
@@ -169,8 +167,7 @@ def _run_stages(params: dict[str, Any], staging: Path, result: dict[str, Any], d
         method_options=dict(params["method_options"]), device=train["device"],
         grad_norm=float(train.get("grad_norm", 0.0)),
     )
-    single = {k: (v[0] if k == "d" and isinstance(v, list) else v) for k, v in config.method_options.items()}
-    probe = create_method(config.method, eps, **single)
+    probe = cell_method(params)
     model_config = {"model": config.model, "input_shape": list(dataset.input_shape),
                     "num_classes": dataset.num_classes, "activation": config.activation,
                     "abstraction": probe.abstraction().to_dict() if probe.abstraction() else None}
@@ -259,17 +256,15 @@ def verify_stages(params: dict[str, Any], run_dir: Path, dataset, result: dict[s
             options.setdefault("timeout", verify["timeout"])
         return create_verifier(name, **options)
 
-    applicable = [n for n in verify["verifiers"] if build(n).applies_to(trained)]
-    if not applicable:
+    built = [v for v in (build(n) for n in verify["verifiers"]) if v.applies_to(trained)]
+    if not built:
         log("no verifier in verify.verifiers applies to this model")
         return
     eps = params["eps"]
     out_dir = results_dir(run_dir, eps)
-    # Each job builds its verifiers afresh and drops them after: a bound verifier caches its BoundedModule, with
-    # every intermediate bound it computed, so one left alive keeps its GBs while the next verifier runs.
-    jobs = [("cascade:" + "+".join(applicable), applicable)] if verify["cascade"] else [(n, [n]) for n in applicable]
-    for name, names in jobs:
-        stages = [build(n) for n in names]
+    jobs = [("cascade:" + "+".join(v.name for v in built), built)] if verify["cascade"] else \
+        [(v.name, [v]) for v in built]
+    for name, stages in jobs:
         n = samples(stages[0].name) if len(stages) == 1 else n_all
         x, y = dataset.test_x[:n].to(device), dataset.test_y[:n].to(device)
         with StageGuard(limits["verify_time_cap_s"], limits["memory_cap_mb"], device) as guard:
@@ -280,10 +275,9 @@ def verify_stages(params: dict[str, Any], run_dir: Path, dataset, result: dict[s
             meaning = " > ".join(s.meaning for s in stages)
             summary = write_results(out_dir, name, meaning, all(s.sound for s in stages),
                                     all(s.attack_only for s in stages), eps, answers, x.cpu())
-        stages = answers = None  # drop the verifiers (and their cached bounds) before the next job
-        gc.collect()  # a stopped stage's traceback frames hold its tensors in reference cycles
         stage = guard.report()
         if guard.stopped:
+            gc.collect()  # the stopped stage's traceback frames (and their tensors) may sit in reference cycles
             stage["status"] = "stopped"
             result["stages"][f"verify:{name}"] = stage
             _stop(result, f"verifier {name} stopped: {guard.stopped}", log)

@@ -266,15 +266,20 @@ def parse_spec(data: dict[str, Any], source: str = "<spec>", text: str = "", def
 TRAINING_IRRELEVANT = ("verify", "export", "label", "entry")  # cell settings that do not change the trained model
 
 
+def cell_method(params: dict[str, Any]):
+    """The cell's TrainingMethod (with the first d of a granularity search list: enough to know its kind)."""
+    from ..training.methods import create_method
+
+    options = {k: (v[0] if k == GRANULARITY_OPTION and isinstance(v, list) else v)
+               for k, v in params["method_options"].items()}
+    return create_method(params["method"], params["eps"], **options)
+
+
 def training_key(cell_id: str, params: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     """(key, settings) of the model a cell trains. Cells with the same key train the same model: natural training
     ignores eps, so its cells at different eps share one model (the key replaces `_eps<eps>_` by `_epsany_`)."""
-    from ..training.methods import create_method
-
     settings = {k: v for k, v in params.items() if k not in TRAINING_IRRELEVANT}
-    options = {k: (v[0] if k == GRANULARITY_OPTION and isinstance(v, list) else v)
-               for k, v in params["method_options"].items()}
-    method = create_method(params["method"], params["eps"], **options)
+    method = cell_method(params)
     if method.uses_eps_schedule or method.abstraction() is not None:
         return cell_id, settings
     marker = f"_eps{params['eps']:g}_"

@@ -7,8 +7,9 @@ Layout (OUT = `run --out`):
     OUT/cells/<id>/           a committed cell: result.json (+ run/ and, when exported, vnncomp/)
     OUT/logs/<id>.log         every attempt's log lines and tracebacks, appended
     OUT/.staging/             cells being built; whatever is here when a run starts is debris from a killed one
-    OUT/partial/<id>/         a cell's finished training (run/ + train.json), kept until the cell commits, so
+    OUT/partial/<key>/        a finished training (run/ + train.json), kept until the cells using it commit, so
                               a cell killed or crashed during verification or export does not train again
+                              (key = spec.training_key: the cell id, or one id for natural cells of all eps)
     OUT/.lock                 held (flock) by the one `run` process using the store
 
 A cell is built in `.staging/<id>.<token>/`, its result.json written last, then the directory is renamed to

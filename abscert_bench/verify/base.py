@@ -61,16 +61,22 @@ class Verifier:
             raise UserError("images contain NaN or inf")
         indices = list(range(len(x))) if indices is None else list(indices)
         results: list[SampleResult] = []
-        for start, stop in batches(len(x), batch_size):
-            answers = self.timed_batch(trained, x[start:stop], y[start:stop], eps)
-            for offset, (status, cex, details, seconds) in enumerate(answers):
-                results.append(SampleResult(
-                    indices[start + offset], int(y[start + offset]), status, seconds,
-                    self.name if status != "unknown" else "", cex, details,
-                ))
-            if progress is not None:
-                progress(stop - start)
+        try:
+            for start, stop in batches(len(x), batch_size):
+                answers = self.timed_batch(trained, x[start:stop], y[start:stop], eps)
+                for offset, (status, cex, details, seconds) in enumerate(answers):
+                    results.append(SampleResult(
+                        indices[start + offset], int(y[start + offset]), status, seconds,
+                        self.name if status != "unknown" else "", cex, details,
+                    ))
+                if progress is not None:
+                    progress(stop - start)
+        finally:
+            self.release()  # also when a cap or an error ends the run: the next verifier gets the memory
         return results
+
+    def release(self) -> None:
+        """Drop whatever was cached for the batches of one `verify` call (bound verifiers: their BoundedModule)."""
 
     def timed_batch(
         self, trained: TrainedModel, x: torch.Tensor, y: torch.Tensor, eps: float

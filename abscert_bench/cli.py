@@ -64,6 +64,14 @@ def add_training_args(p: argparse.ArgumentParser, single_method: bool) -> None:
     p.add_argument("--warmup-epochs", type=int, default=1, help="IBP/CROWN-IBP epochs at eps = 0")
     p.add_argument("--ramp-epochs", type=int, default=5, help="IBP/CROWN-IBP epochs of linear eps ramp-up")
     p.add_argument("--kappa-end", type=float, default=0.5, help="final weight of the clean loss (IBP/CROWN-IBP)")
+    p.add_argument("--lr-schedule", default="constant", help="constant, step (× --lr-decay after each of "
+                   "--lr-milestones) or cosine (to 0 over the epochs)")
+    p.add_argument("--lr-milestones", default="", help="comma-separated epochs for --lr-schedule step")
+    p.add_argument("--lr-decay", type=float, default=0.2, help="factor per milestone of --lr-schedule step")
+    p.add_argument("--lr-warmup-epochs", type=float, default=0.0, help="linear lr warm-up from 0, in epochs")
+    p.add_argument("--budget-s", type=float, default=0.0,
+                   help="train for this many seconds of training time instead of --epochs (the schedules are "
+                        "stretched over the budget; --epochs sets only their proportions)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     p.add_argument("--data-root", default=None, help="data directory (default: $ABSCERT_DATA or ./data)")
@@ -72,14 +80,12 @@ def add_training_args(p: argparse.ArgumentParser, single_method: bool) -> None:
 
 def base_config(args: argparse.Namespace, method: str):
     """TrainConfig from parsed arguments."""
-    from .training.loop import TrainConfig
+    from .training.config import TRAIN_FIELD_DEFAULTS, config_from_settings
 
-    return TrainConfig(
-        dataset=args.dataset, model=args.model, method=method, eps=args.eps, epochs=args.epochs,
-        batch_size=args.batch_size, lr=args.lr, seed=args.seed, activation=args.activation,
-        warmup_epochs=args.warmup_epochs, ramp_epochs=args.ramp_epochs, kappa_end=args.kappa_end,
-        device=args.device, grad_norm=args.grad_norm,
-    )
+    settings = {name: getattr(args, name) for name in TRAIN_FIELD_DEFAULTS if hasattr(args, name)}
+    settings["lr_milestones"] = [int(m) for m in _floats(args.lr_milestones)] if args.lr_milestones else []
+    return config_from_settings(settings, dataset=args.dataset, model=args.model, method=method, eps=args.eps,
+                                seed=args.seed)
 
 
 def abscert_options(args: argparse.Namespace) -> dict[str, Any]:

@@ -53,7 +53,7 @@ def build_network(model_config: dict[str, Any]) -> nn.Module:
         channels *= 2
     return create_model(
         model_config["model"], (channels, height, width), model_config["num_classes"],
-        activation=model_config.get("activation", "relu"),
+        activation=model_config.get("activation", "relu"), normalize=model_config.get("normalize"),
     )
 
 

@@ -148,7 +148,7 @@ def _run_stages(params: dict[str, Any], staging: Path, result: dict[str, Any], d
                 log: Callable[[str], None], store: Store) -> None:
     from ..models import count_parameters
     from ..trained import build_network
-    from ..training.loop import TrainConfig
+    from ..training.config import config_from_settings
     try:
         dataset = cell_dataset(params, data_root)
     except UserError as exc:
@@ -160,13 +160,8 @@ def _run_stages(params: dict[str, Any], staging: Path, result: dict[str, Any], d
         return
     train = params["train"]
     eps = params["eps"]
-    config = TrainConfig(
-        dataset=params["dataset"], model=params["model"], method=params["method"], eps=eps, epochs=train["epochs"],
-        batch_size=train["batch_size"], lr=train["lr"], seed=params["seed"], activation=train["activation"],
-        warmup_epochs=train["warmup_epochs"], ramp_epochs=train["ramp_epochs"], kappa_end=train["kappa_end"],
-        method_options=dict(params["method_options"]), device=train["device"],
-        grad_norm=float(train.get("grad_norm", 0.0)),
-    )
+    config = config_from_settings(train, dataset=params["dataset"], model=params["model"], method=params["method"],
+                                  eps=eps, seed=params["seed"], method_options=dict(params["method_options"]))
     probe = cell_method(params)
     model_config = {"model": config.model, "input_shape": list(dataset.input_shape),
                     "num_classes": dataset.num_classes, "activation": config.activation,
@@ -214,15 +209,27 @@ def _train_stage(params: dict[str, Any], config, dataset, run_dir: Path, result:
         f"{result['parameters']} parameters)")
     with StageGuard(limits["train_time_cap_s"], limits["memory_cap_mb"], config.device) as guard:
         run_training(config, dataset, run_dir, on_epoch=on_epoch)
-    final = epochs[-config.epochs:] if len(epochs) >= config.epochs else []  # the search's epochs come first
-    train_stage = {**guard.report(), "epochs": len(epochs),
-                   "s_per_epoch": (sum(e["train_time_s"] for e in final) / len(final)) if final else
-                   ((sum(e["train_time_s"] for e in epochs) / len(epochs)) if epochs else None)}
+    final = _final_epochs(run_dir) or epochs  # the final model's epochs (a granularity search's come first)
+    train_stage = {**guard.report(), "epochs": len(epochs), "final_epochs": len(final),
+                   "train_s": sum(e["train_time_s"] for e in final),
+                   "budget_s": config.budget_s or None,
+                   "s_per_epoch": (sum(e["train_time_s"] for e in final) / len(final)) if final else None}
     result["stages"]["train"] = train_stage
     if guard.stopped:
         _stop(result, f"training stopped after {len(epochs)} epoch(s): {guard.stopped}", log)
         return False
     return True
+
+
+def _final_epochs(run_dir: Path) -> list[dict[str, Any]]:
+    """Per-epoch rows of the final training (metrics.csv), [] when training did not get that far."""
+    import csv
+
+    path = run_dir / "metrics.csv"
+    if not path.exists():
+        return []
+    with path.open() as handle:
+        return [{"train_time_s": float(row["train_time_s"])} for row in csv.DictReader(handle)]
 
 
 def _stop(result: dict[str, Any], reason: str, log: Callable[[str], None]) -> None:

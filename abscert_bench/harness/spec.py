@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
+from ..training.config import LR_SCHEDULES, TRAIN_FIELD_DEFAULTS
 
 try:
     import tomllib
@@ -22,10 +23,7 @@ except ImportError:  # Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
 # Training settings a spec may set in [train] and override per method entry (TrainConfig fields + harness ones).
-TRAIN_DEFAULTS: dict[str, Any] = {
-    "epochs": 10, "batch_size": 128, "lr": 1e-3, "activation": "relu", "warmup_epochs": 1, "ramp_epochs": 5,
-    "kappa_end": 0.5, "device": "cpu", "limit": 0, "grad_norm": 0.0,
-}
+TRAIN_DEFAULTS: dict[str, Any] = {**TRAIN_FIELD_DEFAULTS, "limit": 0}  # limit: first N training images (0 = all)
 VERIFY_DEFAULTS: dict[str, Any] = {
     "verifiers": ["abscert-paper", "abscert-sound", "ibp", "crown", "alpha-crown"], "cascade": False,
     "timeout": 10.0, "limit": 100, "batch_size": 64, "options": {},
@@ -296,6 +294,17 @@ def _check_train(check: _Checker, train: dict[str, Any], key: str, activations: 
     check.number(train["kappa_end"], f"{key}.kappa_end", 0.0, 1.0)
     check.number(train["limit"], f"{key}.limit", 0, integer=True)
     check.number(train["grad_norm"], f"{key}.grad_norm", 0.0)
+    check.number(train["lr_decay"], f"{key}.lr_decay", 0.0, 1.0, lo_open=True)
+    check.number(train["lr_warmup_epochs"], f"{key}.lr_warmup_epochs", 0.0)
+    check.number(train["budget_s"], f"{key}.budget_s", 0.0)
+    if train["lr_schedule"] not in LR_SCHEDULES:
+        raise check.fail(f"{key}.lr_schedule", f"unknown schedule {train['lr_schedule']!r}; "
+                         f"valid: {', '.join(LR_SCHEDULES)}")
+    milestones = train["lr_milestones"]
+    if not isinstance(milestones, list):
+        raise check.fail(f"{key}.lr_milestones", f"expected a list of epochs, got {milestones!r}")
+    for i, m in enumerate(milestones):
+        check.number(m, f"{key}.lr_milestones[{i}]", 1, integer=True)
     if train["activation"] not in activations:
         raise check.fail(f"{key}.activation", f"unknown activation {train['activation']!r}; "
                          f"valid: {', '.join(activations)}")

@@ -3,53 +3,20 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
-from ..abstraction import check_eps, check_granularity
 from ..data import Dataset
 from ..errors import UserError
 from ..rundir import write_csv, write_json
 from ..trained import TrainedModel, build_network, save_checkpoint
+from .config import TrainConfig
 from .methods import TrainingMethod, create_method
 from .schedule import Schedule
-
-
-@dataclass
-class TrainConfig:
-    """Everything that defines a training run (stored as the run's config.json)."""
-
-    dataset: str
-    model: str
-    method: str
-    eps: float
-    epochs: int = 10
-    batch_size: int = 128
-    lr: float = 1e-3
-    seed: int = 0
-    activation: str = "relu"
-    warmup_epochs: int = 1
-    ramp_epochs: int = 5
-    kappa_end: float = 0.5
-    method_options: dict[str, Any] = field(default_factory=dict)
-    device: str = "cpu"
-    grad_norm: float = 0.0  # clip the gradient's global L2 norm to this before each step (0 = no clipping)
-
-    def validate(self) -> None:
-        """Raise UserError on out-of-range values."""
-        check_eps(self.eps)
-        if self.epochs < 1 or self.batch_size < 1 or not (self.lr > 0 and math.isfinite(self.lr)):
-            raise UserError("epochs and batch size must be >= 1 and lr > 0")
-        if not (self.grad_norm >= 0 and math.isfinite(self.grad_norm)):
-            raise UserError(f"grad_norm must be >= 0 (0 = no clipping), got {self.grad_norm}")
-        if "d" in self.method_options:
-            for d in _as_list(self.method_options["d"]):
-                check_granularity(d)
-        resolve_device(self.device)
 
 
 def _as_list(value: Any) -> list[Any]:
@@ -76,23 +43,37 @@ def evaluate(classifier: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size
 def train_model(
     config: TrainConfig, method: TrainingMethod, train_x: torch.Tensor, train_y: torch.Tensor,
     test_x: torch.Tensor, test_y: torch.Tensor, num_classes: int,
-    on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None, keep_best_epoch: bool = False,
+    init: Callable[[nn.Module], None] | None = None,
 ) -> tuple[TrainedModel, list[dict[str, Any]]]:
-    """Train one network with `method`; returns the model and per-epoch metrics (train time excludes eval)."""
+    """Train one network with `method`; returns the model and per-epoch metrics (train time excludes eval).
+
+    `test_x/test_y` is the evaluation split reported per epoch; with `keep_best_epoch` the returned network is
+    the one of the epoch with the best accuracy on it (the official AbsCert selection when it is the test split).
+    With `config.budget_s > 0` training runs for that many seconds of training time (evaluation excluded) and
+    every schedule (eps ramp, kappa, lr) follows the elapsed fraction of the budget instead of the step count.
+    """
+    config.validate()
     device = resolve_device(config.device)
     torch.manual_seed(config.seed)
     abstraction = method.abstraction()
     model_config = {
         "model": config.model, "input_shape": list(train_x.shape[1:]), "num_classes": num_classes,
         "activation": config.activation, "abstraction": abstraction.to_dict() if abstraction else None,
+        **method.model_options(),
     }
     network = build_network(model_config).to(device)
+    if init is not None:
+        init(network)
     trained = TrainedModel(network, model_config, abstraction)
     train_x, train_y = train_x.to(device), train_y.to(device)
     test_x, test_y = test_x.to(device), test_y.to(device)
+    # a method whose network input depends on the image alone (AbsCert point) is mapped once, not every step
+    train_inputs = method.network_input(train_x) if method.static_input else None
     steps_per_epoch = math.ceil(len(train_x) / config.batch_size)
+    total_steps = config.epochs * steps_per_epoch
     schedule = Schedule(
-        eps=config.eps, total_steps=config.epochs * steps_per_epoch,
+        eps=config.eps, total_steps=total_steps,
         warmup_steps=config.warmup_epochs * steps_per_epoch, ramp_steps=config.ramp_epochs * steps_per_epoch,
         kappa_end=config.kappa_end,
     )
@@ -100,38 +81,61 @@ def train_model(
     optimizer = torch.optim.Adam(network.parameters(), lr=config.lr)
     generator = torch.Generator().manual_seed(config.seed)
     metrics: list[dict[str, Any]] = []
-    step = 0
-    for epoch in range(1, config.epochs + 1):
+    best: tuple[float, dict[str, torch.Tensor]] | None = None
+    step, spent, epoch = 0, 0.0, 0
+    budget = config.budget_s
+    while (epoch < config.epochs) if budget <= 0 else (spent < budget):
+        epoch += 1
         network.train()
         order = torch.randperm(len(train_x), generator=generator).to(device)
-        total_loss, correct = 0.0, 0
+        total_loss, correct, seen = 0.0, 0, 0
         start = time.perf_counter()
+        clock = step
         for batch_start in range(0, len(train_x), config.batch_size):
+            if budget > 0:
+                elapsed = spent + time.perf_counter() - start
+                if elapsed >= budget and seen:
+                    break
+                clock = min(total_steps - 1, int(elapsed / budget * total_steps))
+            else:
+                clock = step
+            for group in optimizer.param_groups:
+                group["lr"] = config.lr * config.lr_factor(clock / steps_per_epoch)
             idx = order[batch_start:batch_start + config.batch_size]
-            x, y = train_x[idx], train_y[idx]
-            loss, logits = method.loss(network, x, y, schedule, step)
+            y = train_y[idx]
+            if train_inputs is not None:
+                loss, logits = method.loss_from_input(network, train_inputs[idx], y)
+            else:
+                loss, logits = method.loss(network, train_x[idx], y, schedule, clock)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if config.grad_norm > 0:
                 nn.utils.clip_grad_norm_(network.parameters(), config.grad_norm)
             optimizer.step()
             step += 1
+            seen += len(idx)
             total_loss += float(loss.detach()) * len(idx)
             correct += int((logits.detach().argmax(1) == y).sum())
         if device.type == "cuda":
             torch.cuda.synchronize()
         train_time = time.perf_counter() - start
+        spent += train_time
         if not math.isfinite(total_loss):
             raise UserError(f"training diverged (loss is NaN) at epoch {epoch}; lower --lr")
+        accuracy = evaluate(trained.classifier(), test_x, test_y)
         row = {
-            "epoch": epoch, "eps": schedule.eps_at(step - 1) if method.uses_eps_schedule else "",
-            "loss": total_loss / len(train_x),
-            "train_acc": correct / len(train_x), "test_acc": evaluate(trained.classifier(), test_x, test_y),
-            "train_time_s": train_time,
+            "epoch": epoch, "eps": schedule.eps_at(clock) if method.uses_eps_schedule else "",
+            "lr": optimizer.param_groups[0]["lr"], "loss": total_loss / max(1, seen),
+            "train_acc": correct / max(1, seen), "test_acc": accuracy,
+            "train_time_s": train_time, "images": seen,
         }
         metrics.append(row)
+        if keep_best_epoch and (best is None or accuracy > best[0]):
+            best = (accuracy, {k: v.detach().clone() for k, v in network.state_dict().items()})
         if on_epoch is not None:
             on_epoch(row)
+    if best is not None:
+        network.load_state_dict(best[1])
     network.eval()
     return trained.to("cpu"), metrics
 

@@ -19,6 +19,11 @@ class TrainingMethod:
     name = "natural"
     options: dict[str, Any] = {}
     uses_eps_schedule = False  # True for methods whose loss follows the warm-up/ramp eps schedule
+    static_input = False  # True when network_input(x) depends on x alone: the loop maps the data set once
+
+    def model_options(self) -> dict[str, Any]:
+        """Extra model-config entries this method needs in the network (e.g. a fixed input normalisation)."""
+        return {}
 
     def abstraction(self) -> Abstraction | None:
         """The abstraction in front of the network (None: the network sees raw images)."""
@@ -36,7 +41,13 @@ class TrainingMethod:
         self, network: nn.Module, x: torch.Tensor, y: torch.Tensor, schedule: Schedule, step: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Return (loss, clean logits) for raw images x with labels y."""
-        logits = network(self.network_input(x))
+        return self.loss_from_input(network, self.network_input(x), y)
+
+    def loss_from_input(
+        self, network: nn.Module, inputs: torch.Tensor, y: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cross-entropy on already-mapped network inputs (used directly when `static_input`)."""
+        logits = network(inputs)
         return F.cross_entropy(logits, y), logits
 
     def describe(self) -> dict[str, Any]:
@@ -65,6 +76,7 @@ class AbsCertMethod(TrainingMethod):
             raise UserError(f"unknown abscert variant {variant!r}; valid: {', '.join(VARIANTS)}")
         self._abstraction = Abstraction(variant, check_granularity(d), eps)
         self.options = {"d": float(d), "variant": variant}
+        self.static_input = variant == "point"  # phi(x) needs no eps: computed once per data set
 
     def abstraction(self) -> Abstraction:
         return self._abstraction

@@ -34,6 +34,7 @@ from torch import nn
 
 from baselines.bounds import LIRPA_METHODS
 
+from ..devices import module_device
 from ..lirpa_compat import lirpa
 from .choices import PixelOptions
 
@@ -144,8 +145,10 @@ class HullBounder:
         else:
             self.folded = False
             self.module = trained.network
-        self.module.eval()
-        self.bounded = lirpa().BoundedModule(self.module, torch.zeros(1, 2 * c, h, w), device="cpu")
+        self.device = module_device(trained.network)  # bounds are computed where the network lives
+        self.module = self.module.to(self.device).eval()
+        self.bounded = lirpa().BoundedModule(self.module, torch.zeros(1, 2 * c, h, w, device=self.device),
+                                             device=self.device)
         self.relu_inputs = [node.inputs[0].name for node in self.bounded._modules.values()
                             if type(node).__name__ == "BoundRelu"]
 
@@ -190,9 +193,10 @@ class HullBounder:
             boxes.append((lo, hi))
         x_lo = torch.from_numpy(np.concatenate([boxes[0][0], boxes[1][0]], axis=1)).view(n, 2 * c, h, w)
         x_hi = torch.from_numpy(np.concatenate([boxes[0][1], boxes[1][1]], axis=1)).view(n, 2 * c, h, w)
+        x_lo, x_hi = x_lo.to(self.device), x_hi.to(self.device)
         ptb = lib.PerturbationLpNorm(norm=float("inf"), x_L=x_lo, x_U=x_hi)
         inputs = (lib.BoundedTensor((x_lo + x_hi) / 2, ptb),)
-        spec = margin_matrix(labels, self.num_classes)
+        spec = margin_matrix(labels.cpu(), self.num_classes).to(self.device)
         need_a = method != "ibp"
         kwargs: dict = {}
         if need_a:
@@ -210,7 +214,7 @@ class HullBounder:
             out = self.bounded.compute_bounds(
                 x=inputs, C=spec, method=LIRPA_METHODS[method], bound_upper=False, **kwargs
             )
-        margins = out[0].detach()
+        margins = out[0].detach().cpu()
         intermediate = None
         if method != "ibp":
             intermediate = {}
@@ -223,7 +227,7 @@ class HullBounder:
         widths = [(hi.astype(np.float64) - lo.astype(np.float64)) for lo, hi in boxes]
         if not need_a:
             return DomainBounds(margins, widths[0] + widths[1], None, None, None)
-        a_matrix = out[2][self.bounded.output_name[0]][self.bounded.input_name[0]]["lA"].detach()
+        a_matrix = out[2][self.bounded.output_name[0]][self.bounded.input_name[0]]["lA"].detach().cpu()
         worst = margins.argmin(dim=1)
         a_worst = a_matrix[torch.arange(n), worst].reshape(n, 2, -1).numpy().astype(np.float64)
         score = np.abs(a_worst[:, 0]) * widths[0] + np.abs(a_worst[:, 1]) * widths[1]

@@ -16,6 +16,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from ..devices import module_device
 from ..errors import UserError
 from ..trained import TrainedModel, load_checkpoint
 
@@ -42,7 +43,8 @@ def recheck_counterexample(
         return False, f"outside [0,1]: range [{adv.min():g}, {adv.max():g}]"
     trained.network.eval()
     with torch.no_grad():
-        predicted = int(trained.classifier()(torch.from_numpy(adv)[None]).argmax(1))
+        classifier = trained.classifier()
+        predicted = int(classifier(torch.from_numpy(adv)[None].to(module_device(classifier))).argmax(1))
     if predicted == int(y):
         return False, f"not a counterexample: f(x') = {predicted} = label"
     return True, f"f(x') = {predicted} != label {int(y)}; |x'-x|∞ = {distance:.6g} <= eps = {float(eps):g}"

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from ..abstraction import check_eps, check_granularity
+from ..devices import OnDevice
 from ..errors import UserError
 from ..sound.attack import discrete_attack
 from ..sound.bounds import CROWN_LAST, LIRPA_METHODS, HullBounder
@@ -153,7 +154,7 @@ class _BatchRun:
         self.verifier, self.trained, self.eps = verifier, trained, eps
         self.x = x.detach().cpu().to(torch.float32)
         self.y = y.detach().cpu().to(torch.int64)
-        self.network = trained.network.eval()
+        self.network = OnDevice(trained.network.eval())  # forward passes on the network's device
         n = len(x)
         self.seconds = np.zeros(n)
         self.status: list[str | None] = [None] * n
@@ -212,7 +213,7 @@ class _BatchRun:
     def clean_stage(self) -> None:
         """Clean check and reachable options; no choice pixel left means a single abstract input."""
         clock = time.perf_counter()
-        correct = clean_check(self.trained.classifier(), self.x, self.y).numpy()
+        correct = clean_check(OnDevice(self.trained.classifier()), self.x, self.y).numpy()
         self.options = reachable_options(self.trained.abstraction, self.x, self.eps)
         self.charge(clock, range(len(self.x)))
         for i in range(len(self.x)):

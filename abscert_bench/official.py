@@ -214,3 +214,18 @@ TEST_SELECTION_NOTE = ("† official AbsCert protocol: the epoch and the granula
                        "the paper's units (images on [-1, 1]) in brackets.")
 VALIDATION_NOTE = ("clean AbsCert protocol: the official units, cells and recipe, with the epoch and d selected on "
                    "a held-out validation split of the training set. ε is in raw-pixel units, the paper's in brackets.")
+
+
+def mark_label(label: str, row: dict[str, Any]) -> str:
+    """A table's method cell: the label, with the test-selection mark for official-protocol rows."""
+    return label + TEST_SELECTION_MARK if row.get("selection") == "test" else label
+
+
+def table_notes(rows: list[dict[str, Any]]) -> list[str]:
+    """The footnotes the rows need (none for pixel-protocol rows)."""
+    notes = []
+    if any(r.get("selection") == "test" for r in rows):
+        notes.append(TEST_SELECTION_NOTE)
+    if any(r.get("selection") == "validation" for r in rows):
+        notes.append(VALIDATION_NOTE)
+    return notes

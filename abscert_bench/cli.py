@@ -53,7 +53,14 @@ def add_training_args(p: argparse.ArgumentParser, single_method: bool) -> None:
     else:
         p.add_argument("--methods", default=",".join(DEFAULT_METHODS), help="comma-separated training methods")
     p.add_argument("--eps", type=float, default=0.1, help="L∞ radius in raw [0,1] pixel units")
-    p.add_argument("--d", default="0.2", help="AbsCert granularity; a comma list runs the paper's granularity search")
+    p.add_argument("--d", default=None, help="AbsCert granularity (default 0.2); a comma list runs the paper's "
+                   "granularity search (protocol pixel only: official/clean choose d themselves)")
+    p.add_argument("--protocol", default="pixel", help="AbsCert protocol: pixel (eps and d in raw-pixel units, as "
+                   "given), official (the published code: paper units, 2 // d cells, [-1,1] normalisation, official "
+                   "recipe, epoch and d selected on the test set) or clean (the same, selected on a validation split)")
+    p.add_argument("--recipe", default=None, help="official (default for protocol official/clean: the recipe table "
+                   "of abscert_bench/official.py) or given (use --epochs/--lr/--batch-size/--lr-schedule as given)")
+    p.add_argument("--d-step", type=float, default=None, help="official candidate spacing (default 0.01)")
     p.add_argument("--variant", default="point", help="AbsCert abstraction: point (official code) or region")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=128)
@@ -89,8 +96,20 @@ def base_config(args: argparse.Namespace, method: str):
 
 
 def abscert_options(args: argparse.Namespace) -> dict[str, Any]:
-    """AbsCert method options from --d / --variant."""
-    grid = _floats(args.d)
+    """AbsCert method options from --d / --variant / --protocol / --recipe / --d-step."""
+    protocol = getattr(args, "protocol", "pixel")
+    if protocol != "pixel":
+        if args.d is not None:
+            raise UserError(f"--protocol {protocol} chooses d itself from the official candidates; drop --d")
+        options: dict[str, Any] = {"variant": args.variant, "protocol": protocol}
+        if args.recipe is not None:
+            options["recipe"] = args.recipe
+        if args.d_step is not None:
+            options["d_step"] = args.d_step
+        return options
+    if args.recipe is not None or args.d_step is not None:
+        raise UserError("--recipe and --d-step belong to --protocol official or clean")
+    grid = _floats(args.d or "0.2")
     return {"d": grid if len(grid) > 1 else grid[0], "variant": args.variant}
 
 

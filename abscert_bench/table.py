@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UserError
+from .official import format_eps, mark_label, paper_eps, table_notes
 from .rundir import read_csv, read_json
 
 # Column titles by meaning (DESIGN.md: never conflate them).
@@ -41,21 +42,34 @@ def run_rows(run_dir: Path) -> list[dict[str, Any]]:
     metrics = read_csv(run_dir / "metrics.csv")
     epoch_times = [float(m["train_time_s"]) for m in metrics]
     options = config.get("method_options") or {}
-    method = config["method"] + (f" (d={options['d']:g}, {options.get('variant', 'point')})" if "d" in options else "")
+    protocol = config.get("protocol", "pixel")
+    if protocol != "pixel":  # official / clean: our pixel d = 1/K and the paper's cell width 2/K
+        cells = int(config["cells"])
+        method = f"{config['method']} ({protocol}, d={options['d']:.4g}=1/{cells}, paper η {2 / cells:.3g})"
+    else:
+        method = config["method"] + (f" (d={options['d']:g}, {options.get('variant', 'point')})"
+                                     if "d" in options else "")
+    selected = [m for m in metrics if str(m.get("selected", "")) == "1"]  # the deployed epoch (protocol runs)
+    final = selected[0] if selected else (metrics[-1] if metrics else None)
     base = {
         "run": run_dir.name, "dataset": config["dataset"], "model": config["model"], "method": method,
         "train_eps": config["eps"], "epochs": len(metrics),
-        "clean_acc": float(metrics[-1]["test_acc"]) if metrics else float("nan"),
+        "clean_acc": float(final["test_acc"]) if final else float("nan"),
         "train_s_per_epoch": statistics.mean(epoch_times) if epoch_times else float("nan"),
     }
+    if protocol != "pixel":
+        base.update({"protocol": protocol, "selection": config.get("selection", "")})
     verify_root = run_dir / "verify"
     eps_dirs = sorted(verify_root.glob("eps=*")) if verify_root.exists() else []
     if not eps_dirs:
-        return [{**base, "eps": config["eps"]}]
+        return [{**base, "eps": config["eps"],
+                 **({"paper_eps": paper_eps(config["eps"])} if protocol != "pixel" else {})}]
     rows = []
     for eps_dir in eps_dirs:
         fields = dict(part.split("=", 1) for part in eps_dir.name.split(","))
         row = {**base, "eps": float(fields["eps"])}
+        if protocol != "pixel":
+            row["paper_eps"] = paper_eps(row["eps"])
         for summary_path in sorted(eps_dir.glob("*.json")):
             summary = json.loads(summary_path.read_text())
             name = summary["verifier"]
@@ -110,8 +124,8 @@ def to_markdown(rows: list[dict[str, Any]]) -> str:
 
     for row in sorted(rows, key=lambda r: (r["dataset"], r["model"], r["eps"], r["method"], samples_of(r))):
         samples = samples_of(row) or "–"
-        cells = [row["dataset"], row["model"], f"{row['eps']:g}", row["method"], str(samples),
-                 _pct(row["clean_acc"])]
+        cells = [row["dataset"], row["model"], format_eps(row["eps"], row.get("protocol")), mark_label(row["method"], row),
+                 str(samples), _pct(row["clean_acc"])]
         for v in verifiers:
             if f"{v}:samples" in row:
                 cells.append(f"{_pct(row[f'{v}:verified_acc'])} ({row[f'{v}:ms_per_sample']:.1f})")
@@ -126,11 +140,14 @@ def to_markdown(rows: list[dict[str, Any]]) -> str:
              "Meanings: "
              + "; ".join(f"**{VERIFIER_TITLES.get(v, v)}**" for v in verifiers) + " (see README).",
              "PGD can only falsify: its column is the attack's accuracy, an upper bound on robust accuracy."]
+    notes += table_notes(rows)
     return "\n".join(lines + notes) + "\n"
 
 
 def to_csv_rows(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[str]]:
     """Rows and the union of their columns, fixed columns first."""
     fixed = ["dataset", "model", "eps", "method", "run", "train_eps", "epochs", "clean_acc", "train_s_per_epoch"]
+    if any("protocol" in r for r in rows):  # official / clean rows: eps in the paper's units beside it, and selection
+        fixed[3:3] = ["paper_eps", "protocol", "selection"]
     extra = sorted({k for r in rows for k in r} - set(fixed))
     return rows, fixed + extra

@@ -110,6 +110,11 @@ def granularity_points(path: Path, rows: list[dict[str, Any]]) -> dict[str, dict
         config = read_json(csv_path.parent / "config.json")
         key = f"{config['dataset']} / {config['model']} / ε={config['eps']:g}"
         for row in read_csv(csv_path):
+            if "pixel_d" in row:  # protocol official / clean: pixel d = 1/K, selected on the test or validation split
+                name = f"{config.get('protocol', 'official')} search ({row['selection']} split)"
+                curves.setdefault(key, {}).setdefault(name, []).append(
+                    (float(row["pixel_d"]), float(row["selection_accuracy"])))
+                continue
             curves.setdefault(key, {}).setdefault("search (validation split)", []).append(
                 (float(row["d"]), float(row["validation_paper_accuracy"])))
     for r in aggregate(rows):

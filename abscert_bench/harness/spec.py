@@ -37,7 +37,8 @@ GRID_KEYS = {"datasets", "models", "eps", "seeds"}
 TOP_KEYS = {"name", "description", "grid", "train", "methods", "verify", "export", "limits", "data"}
 METHOD_KEYS = {"method", "sweep", "train_time_cap_s"}  # train_time_cap_s: this method's own training cap
 VERIFIER_LIMIT = "limit"  # [verify.options.<verifier>] limit = N: that verifier sees only the first N images
-GRANULARITY_OPTION = "d"  # AbsCert's granularity: each cell keeps only the values with d >= 2·eps (the paper's rule)
+GRANULARITY_OPTION = "d"  # AbsCert's granularity: each cell keeps only the values with d >= 2·eps (the paper's rule);
+# protocol official / clean take no d: they generate their candidates (abscert_bench/official.py)
 
 
 @dataclass(frozen=True)
@@ -345,6 +346,10 @@ def _expand(
         swept = [[(o, v) for v in options[o]] for o in sweep]
         for combo in itertools.product(*swept) if swept else [()]:
             concrete = {**options, **dict(combo)}
+            if concrete.get("protocol", "pixel") != "pixel" and GRANULARITY_OPTION in concrete:
+                raise check.fail(f"{key}.{GRANULARITY_OPTION}",
+                                 f"protocol {concrete['protocol']!r} generates its own granularity candidates "
+                                 "(the official rule at paper eps = 2·eps); drop d")
             if GRANULARITY_OPTION in concrete:
                 grid = concrete[GRANULARITY_OPTION]
                 values = grid if isinstance(grid, list) else [grid]

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
+from ..official import TEST_SELECTION_MARK, format_eps, mark_label, table_notes
 from ..table import collect
 
 MEANINGS = ["abscert-paper", "abscert-sound", "ibp", "crown", "alpha-crown"]
@@ -138,7 +139,9 @@ def comparisons(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 continue
             best = min(candidates, key=lambda r: (verified_error(r, meaning), r["train_s_per_epoch"]))
             entry: dict[str, Any] = {
-                "dataset": dataset, "model": model, "eps": eps, "meaning": meaning, "abscert": best["label"],
+                "dataset": dataset, "model": model, "eps": eps, "meaning": meaning,
+                "abscert": mark_label(best["label"], best), "protocol": best.get("protocol"),
+                "selection": best.get("selection"),
                 "abscert_error": verified_error(best, meaning), "abscert_s_per_epoch": best["train_s_per_epoch"],
                 "baseline": None, "baseline_verifier": None, "baseline_error": None, "baseline_s_per_epoch": None,
                 "baseline_clean_error": None, "reduction": None, "speedup": None,
@@ -216,8 +219,8 @@ def to_markdown(rows: list[dict[str, Any]]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     for row in rows:
         n = samples_of(row)
-        cells = [row["dataset"], row["model"], f"{row['eps']:g}", row["label"], str(row["seeds"]), _clean(row),
-                 str(n) if n else "–"]
+        cells = [row["dataset"], row["model"], format_eps(row["eps"], row.get("protocol")), mark_label(row["label"], row),
+                 str(row["seeds"]), _clean(row), str(n) if n else "–"]
         cells += _main_cells(row, meanings, lambda err, ms: f"{err} ({ms})")
         cells += [_gap(row), _num(row["train_s_per_epoch"])]
         lines.append("| " + " | ".join(cells) + " |")
@@ -227,6 +230,7 @@ def to_markdown(rows: list[dict[str, Any]]) -> str:
               "classifier; IBP / CROWN / α-CROWN bound the standard models. "
               "*paper ✓ / sound ✗*: samples the paper check accepts but the sound check falsifies. "
               "*stopped*: the stage went over the spec's time or memory cap."]
+    lines += table_notes(rows)
     lines += _stop_notes(rows)
     lines += _resized_notes(rows)
     lines += ["", summary_markdown(rows)]
@@ -242,7 +246,8 @@ def summary_markdown(rows: list[dict[str, Any]]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     for e in entries:
         lines.append("| " + " | ".join([
-            e["dataset"], e["model"], f"{e['eps']:g}", TITLES[e["meaning"]], e["abscert"], _pct(e["abscert_error"]),
+            e["dataset"], e["model"], format_eps(e["eps"], e.get("protocol")), TITLES[e["meaning"]], e["abscert"],
+            _pct(e["abscert_error"]),
             f"{e['baseline']} ({TITLES.get(e['baseline_verifier'] or '', '–')})" if e["baseline"] else "–",
             _pct(e["baseline_clean_error"]), _pct(e["baseline_error"]), _pct(e["reduction"]),
             _num(e["abscert_s_per_epoch"]),
@@ -264,7 +269,8 @@ def _resized_notes(rows: list[dict[str, Any]]) -> list[str]:
 
 _LATEX_ESCAPES = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
                   "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\^{}", "→": r"$\to$", "×": r"$\times$",
-                  "ε": r"$\epsilon$", "α": r"$\alpha$", "–": "--"}
+                  "ε": r"$\epsilon$", "α": r"$\alpha$", "–": "--", TEST_SELECTION_MARK: r"$^\dagger$",
+                  "η": r"$\eta$"}
 
 
 def latex_escape(text: str) -> str:
@@ -290,13 +296,14 @@ def to_latex(rows: list[dict[str, Any]]) -> str:
         if previous is not None and key != previous:
             out.append(r"\midrule")
         previous = key
-        cells = [latex_escape(row["dataset"]), latex_escape(row["model"]), f"{row['eps']:g}",
-                 latex_escape(row["label"]), latex_escape(_clean(row))]
+        cells = [latex_escape(row["dataset"]), latex_escape(row["model"]), format_eps(row["eps"], row.get("protocol")),
+                 latex_escape(mark_label(row["label"], row)), latex_escape(_clean(row))]
         cells += [latex_escape(c) if c in ("–", "stopped") else c
                   for c in _main_cells(row, meanings, lambda err, ms: f"{err} {{\\scriptsize({ms})}}")]
         cells += [latex_escape(_gap(row)), _num(row["train_s_per_epoch"])]
         out.append(" & ".join(cells) + r" \\")
     out += [r"\bottomrule", r"\end{tabular}"]
+    out += [r"\par{\footnotesize " + latex_escape(n) + "}" for n in table_notes(rows)]
     out += [f"% {latex_escape(n)}" for n in _stop_notes(rows) + _resized_notes(rows)]
     entries = comparisons(rows)
     out += ["", r"\begin{tabular}{llrllrlrrrrr}", r"\toprule",
@@ -307,7 +314,8 @@ def to_latex(rows: list[dict[str, Any]]) -> str:
             r"of verified err \% & AbsCert & baseline & $\times$ \\", r"\midrule"]
     for e in entries:
         out.append(" & ".join([
-            latex_escape(e["dataset"]), latex_escape(e["model"]), f"{e['eps']:g}", LATEX_TITLES[e["meaning"]],
+            latex_escape(e["dataset"]), latex_escape(e["model"]), format_eps(e["eps"], e.get("protocol")),
+            LATEX_TITLES[e["meaning"]],
             latex_escape(e["abscert"]), _pct(e["abscert_error"]).replace("–", "--"),
             latex_escape(e["baseline"] or "–") + (f" ({LATEX_TITLES.get(e['baseline_verifier'] or '', '--')})"
                                                   if e["baseline"] else ""),

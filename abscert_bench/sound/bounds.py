@@ -20,7 +20,8 @@ N's first layer (weights [W_lower + W_upper, W_upper] on [lower, gap]; zero padd
 a padded lower and gap of 0 mean a padded upper of 0). With the fold, auto_LiRPA sees an ordinary network
 whose first layer takes the perturbed input directly, which it bounds about twice as fast as the relu
 form (no extra relu layer, no concatenation to unfold). Networks whose first layer cannot be folded use
-an explicit linear pre-map instead (`GapHullNetwork`).
+an explicit linear pre-map instead (`GapHullNetwork`), which also takes N's fixed first-layer normalisation
+(the official AbsCert protocol's [-1, 1] Normalize) when there is one.
 """
 from __future__ import annotations
 
@@ -45,20 +46,50 @@ CROWN_LAST = "crown-last"
 
 
 class GapHullNetwork(nn.Module):
-    """[lower ends, gaps] (2C channels) in; N([lower, lower + gap]) out (the unfolded gap form)."""
+    """[lower ends, gaps] (2C channels) in; N([lower, lower + gap]) out (the unfolded gap form).
 
-    def __init__(self, network: nn.Module, channels: int) -> None:
+    With `normalize` = (mean, std) the pre-map also applies N's fixed first layer (x - mean) / std (a 1×1
+    convolution with bias: the same affine map), and `network` is the rest of N. auto_LiRPA 0.3 cannot bound
+    a per-channel Sub/Div feeding a padded convolution in patches mode, and folding the normalisation into
+    that convolution would not be exact (its zero padding would stand for pixel `mean`, not 0); after the
+    pre-map the convolution pads the normalised tensor with zeros exactly as N does. `gap=False` keeps the
+    channels as they are (the region variant's [lower, upper] box).
+    """
+
+    def __init__(self, network: nn.Module, channels: int, normalize: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 gap: bool = True) -> None:
         super().__init__()
         self.network = network
         self.channels = channels
         eye = torch.eye(channels)
-        weight = torch.cat([torch.cat([eye, torch.zeros_like(eye)], 1), torch.cat([eye, eye], 1)], 0)
-        self.premap = nn.Conv2d(2 * channels, 2 * channels, 1, bias=False)
+        if gap:
+            weight = torch.cat([torch.cat([eye, torch.zeros_like(eye)], 1), torch.cat([eye, eye], 1)], 0)
+        else:
+            weight = torch.eye(2 * channels)
+        bias = torch.zeros(2 * channels)
+        if normalize is not None:
+            mean, std = (t.reshape(-1).to(torch.float32) for t in normalize)
+            weight = weight / std[:, None]
+            bias = -mean / std
+        self.premap = nn.Conv2d(2 * channels, 2 * channels, 1, bias=normalize is not None)
         self.premap.weight.data = weight.view(2 * channels, 2 * channels, 1, 1)
         self.premap.weight.requires_grad_(False)
+        if normalize is not None:
+            self.premap.bias.data = bias
+            self.premap.bias.requires_grad_(False)
 
     def forward(self, lower_gap: torch.Tensor) -> torch.Tensor:
         return self.network(self.premap(lower_gap))
+
+
+def split_normalize(network: nn.Module) -> tuple[tuple[torch.Tensor, torch.Tensor], nn.Module] | None:
+    """((mean, std), rest of N) when N = Sequential(Normalize, …) (models.create_model(normalize=…)), else None."""
+    from ..models.registry import Normalize
+
+    if isinstance(network, nn.Sequential) and len(network) > 1 and isinstance(network[0], Normalize):
+        rest = network[1] if len(network) == 2 else nn.Sequential(*list(network)[1:])
+        return (network[0].mean, network[0].std), rest
+    return None
 
 
 def fold_gap_form(network: nn.Module, channels: int) -> nn.Module | None:
@@ -138,12 +169,15 @@ class HullBounder:
         self.image_shape = tuple(trained.input_shape)
         c, h, w = self.image_shape
         trained.network.eval()
-        if self.variant == "point":
+        normalized = split_normalize(trained.network)
+        self.folded = False
+        if normalized is not None:  # N's fixed normalisation goes into the pre-map (see GapHullNetwork)
+            self.module: nn.Module = GapHullNetwork(normalized[1], c, normalized[0], gap=self.variant == "point")
+        elif self.variant == "point":
             folded = fold_gap_form(trained.network, c)
             self.folded = folded is not None
-            self.module: nn.Module = folded if folded is not None else GapHullNetwork(trained.network, c)
+            self.module = folded if folded is not None else GapHullNetwork(trained.network, c)
         else:
-            self.folded = False
             self.module = trained.network
         self.device = module_device(trained.network)  # bounds are computed where the network lives
         self.module = self.module.to(self.device).eval()

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -12,6 +12,8 @@ from torch import nn
 
 from ..data import Dataset
 from ..errors import UserError
+from ..official import (SELECTION, VALIDATION_FRACTION, check_protocol, given_recipe, official_candidates, paper_eps,
+                        recipe_for)
 from ..rundir import write_csv, write_json
 from ..trained import TrainedModel, build_network, save_checkpoint
 from .config import TrainConfig
@@ -165,12 +167,104 @@ def granularity_search(
     return float(best["d"]), rows
 
 
+def xavier_init(network: nn.Module) -> None:
+    """The official init (train/train.py `init_weights`): xavier_uniform_ on every Linear and Conv2d weight."""
+    for module in network.modules():
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            nn.init.xavier_uniform_(module.weight)
+
+
+def protocol_config(config: TrainConfig, recipe: dict[str, Any]) -> TrainConfig:
+    """The TrainConfig a recipe row trains with ('given' rows leave the config as it is)."""
+    if recipe["row"] == "given":
+        return config
+    return replace(config, epochs=int(recipe["epochs"]), batch_size=int(recipe["batch_size"]), lr=float(recipe["lr"]),
+                   lr_schedule="cosine", lr_warmup_epochs=float(recipe["lr_warmup_epochs"]), lr_milestones=[])
+
+
+def official_search(
+    config: TrainConfig, dataset: Dataset, on_epoch: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """AbsCert as published (protocol 'official') or with honest selection ('clean').
+
+    One model per official candidate (distinct cell count K, pixel d = 1/K), each trained with the recipe;
+    the epoch with the best selection accuracy is kept, then the candidate with the best one (ties: the
+    coarser). official: selection on the test split, as `train/train.py` and `main.py` do; clean: on a held-out,
+    seeded `VALIDATION_FRACTION` of the training split, the models trained on the rest. The selection accuracy
+    is the paper check on clean images, i.e. the accuracy of N(phi(x)). Returns the chosen model and records.
+    """
+    options = dict(config.method_options)
+    protocol = check_protocol(options.get("protocol", "pixel"))
+    if protocol not in SELECTION:
+        raise UserError(f"official_search needs protocol official or clean, got {protocol}")
+    if "d" in options:
+        raise UserError(f"abscert protocol {protocol} chooses d itself from the official candidates; drop d")
+    probe = create_method(config.method, config.eps, **options)  # validates the options
+    recipe = recipe_for(config.dataset, config.model) if probe.options["recipe"] == "official" \
+        else given_recipe(config.epochs)
+    train_config = protocol_config(config, recipe)
+    candidates = official_candidates(config.eps, probe.options["d_step"])
+    if protocol == "clean":
+        n_val = max(1, int(len(dataset.train_x) * VALIDATION_FRACTION))
+        order = torch.randperm(len(dataset.train_x), generator=torch.Generator().manual_seed(config.seed))
+        val_idx, fit_idx = order[:n_val], order[n_val:]
+        fit = (dataset.train_x[fit_idx], dataset.train_y[fit_idx])
+        select = (dataset.train_x[val_idx], dataset.train_y[val_idx])
+    else:
+        fit, select = (dataset.train_x, dataset.train_y), (dataset.test_x, dataset.test_y)
+    device = resolve_device(config.device)
+    test_x, test_y = dataset.test_x.to(device), dataset.test_y.to(device)
+    rows: list[dict[str, Any]] = []
+    all_metrics: list[dict[str, Any]] = []
+    best: dict[str, Any] | None = None
+    for candidate in candidates:
+        method = create_method(config.method, config.eps, **{**options, "d": candidate.pixel_d})
+        method.configure(recipe, dataset.input_shape[0])
+        held: dict[str, nn.Module] = {}
+
+        def init(network: nn.Module, held=held) -> None:
+            xavier_init(network)
+            held["network"] = network
+
+        def hook(row: dict[str, Any], method=method, held=held) -> None:
+            if protocol == "clean":  # the loop's eval split is validation here: report test accuracy beside it
+                row["val_acc"] = row["test_acc"]
+                row["test_acc"] = evaluate(TrainedModel(held["network"], {}, method.abstraction()).classifier(),
+                                           test_x, test_y)
+            row["cells"] = candidate.cells
+            if on_epoch is not None:
+                on_epoch(row)
+
+        trained, metrics = train_model(train_config, method, fit[0], fit[1], select[0], select[1],
+                                       dataset.num_classes, hook, keep_best_epoch=True, init=init)
+        key = "val_acc" if protocol == "clean" else "test_acc"
+        accuracies = [float(m[key]) for m in metrics]
+        best_index = accuracies.index(max(accuracies))  # the loop keeps the first epoch with the best accuracy
+        row = {"paper_d": candidate.paper_d[0], "paper_d_all": ";".join(f"{d:.6g}" for d in candidate.paper_d),
+               "cells": candidate.cells, "pixel_d": candidate.pixel_d, "paper_cell_width": candidate.cell_width_paper,
+               "best_epoch": best_index + 1, "selection": SELECTION[protocol],
+               "selection_accuracy": accuracies[best_index], "test_acc": float(metrics[best_index]["test_acc"]),
+               "chosen": 0}
+        rows.append(row)
+        all_metrics += [{"cells": candidate.cells, **m} for m in metrics]
+        if best is None or row["selection_accuracy"] > best["row"]["selection_accuracy"]:
+            best = {"row": row, "trained": trained, "method": method, "metrics": metrics, "best_index": best_index}
+    assert best is not None
+    best["row"]["chosen"] = 1
+    for i, m in enumerate(best["metrics"]):
+        m["selected"] = int(i == best["best_index"])
+    return {"protocol": protocol, "selection": SELECTION[protocol], "recipe": recipe, "config": train_config,
+            "rows": rows, "all_metrics": all_metrics, **best}
+
+
 def run_training(
     config: TrainConfig, dataset: Dataset, run_dir: Path, on_epoch: Callable[[dict[str, Any]], None] | None = None,
 ) -> TrainedModel:
     """Train (with the granularity search when AbsCert gets several d) and write the run directory."""
     config.validate()
     options = dict(config.method_options)
+    if config.method == "abscert" and options.get("protocol", "pixel") != "pixel":
+        return _run_protocol(config, dataset, run_dir, on_epoch)
     search_rows: list[dict[str, Any]] = []
     grid = _as_list(options.get("d", [])) if config.method == "abscert" else []
     if len(grid) > 1:
@@ -189,5 +283,27 @@ def run_training(
                                    dataset.test_x, dataset.test_y, dataset.num_classes, on_epoch)
     trained.extra = {"dataset": config.dataset, "method": method.describe(), "eps": config.eps}
     write_csv(run_dir / "metrics.csv", metrics)
+    save_checkpoint(trained, run_dir / "checkpoint.pt")
+    return trained
+
+
+def _run_protocol(config: TrainConfig, dataset: Dataset, run_dir: Path,
+                  on_epoch: Callable[[dict[str, Any]], None] | None) -> TrainedModel:
+    """The official / clean protocol: search, then the run directory of the chosen candidate (no retraining)."""
+    search = official_search(config, dataset, on_epoch)
+    method, row = search["method"], search["row"]
+    final_config = replace(search["config"], method_options={**config.method_options, "d": row["pixel_d"]})
+    record = {"protocol": search["protocol"], "selection": search["selection"], "paper_eps": paper_eps(config.eps),
+              "paper_d": row["paper_d"], "cells": row["cells"], "best_epoch": row["best_epoch"],
+              "recipe": search["recipe"]}
+    write_json(run_dir / "config.json", {**asdict(final_config), "method": method.describe()["name"],
+                                         "input_shape": list(dataset.input_shape),
+                                         "num_classes": dataset.num_classes, **record})
+    write_csv(run_dir / "granularity_search.csv", search["rows"])
+    write_csv(run_dir / "granularity_search_epochs.csv", search["all_metrics"])
+    trained = search["trained"]
+    trained.extra = {"dataset": config.dataset, "method": method.describe(), "eps": config.eps,
+                     **{k: v for k, v in record.items() if k != "recipe"}}
+    write_csv(run_dir / "metrics.csv", search["metrics"])
     save_checkpoint(trained, run_dir / "checkpoint.pt")
     return trained

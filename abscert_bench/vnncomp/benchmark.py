@@ -30,7 +30,7 @@ from ..data import load_dataset
 from ..errors import UserError
 from ..rundir import read_json, write_json
 from ..trained import TrainedModel, check_input_shape, load_checkpoint
-from .onnx_export import ExportableDeployed, check_export, export_onnx, hull_network
+from .onnx_export import ExportableDeployed, check_export, export_form, export_onnx, hull_network
 from .vnnlib import check_vnnlib2, format_vnnlib, format_vnnlib2, read_vnnlib, robustness_violation
 
 FORMAT = "abscert-bench-vnncomp/1"
@@ -210,7 +210,7 @@ def _export_into(folder: Path, trained: TrainedModel, config: dict[str, Any], im
     if vnnlib2:
         (folder / "vnnlib2").mkdir()
     abstraction = trained.abstraction
-    network = trained.network.eval()
+    network = export_form(trained.network.eval())  # a fixed Normalize in N becomes the equivalent 1×1 Conv
     shape = tuple(trained.input_shape)
     generator = torch.Generator().manual_seed(0)
     checks: dict[str, Any] = {"onnx": {}, "vnnlib": "ok", "vnnlib2": "not exported"}

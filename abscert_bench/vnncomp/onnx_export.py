@@ -80,6 +80,25 @@ class ExportableDeployed(nn.Module):
         return self.network(self.abstract(x))
 
 
+def export_form(network: nn.Module) -> nn.Module:
+    """N as exported: a leading fixed Normalize (x - mean) / std becomes the same map as a 1×1 Conv (weight
+    1/std, bias -mean/std), which every reader of the folder (our loader, auto_LiRPA, other tools) handles;
+    auto_LiRPA 0.3 cannot bound a per-channel Sub/Div in front of a padded convolution. For the official
+    protocol's mean = std = 0.5 both compute round(2x - 1): bit for bit the same function."""
+    from ..models.registry import Normalize
+
+    if not (isinstance(network, nn.Sequential) and len(network) > 1 and isinstance(network[0], Normalize)):
+        return network
+    norm = network[0]
+    mean, std = norm.mean.reshape(-1), norm.std.reshape(-1)
+    channels = mean.numel()
+    conv = nn.Conv2d(channels, channels, 1)
+    with torch.no_grad():
+        conv.weight.copy_(torch.diag(1.0 / std).view(channels, channels, 1, 1))
+        conv.bias.copy_(-mean / std)
+    return nn.Sequential(conv, *list(network)[1:]).eval()
+
+
 def hull_network(abstraction: Abstraction, network: nn.Module) -> nn.Module:
     """The network over the hull box: PointHullNetwork (lower ends in) for 'point', N itself for 'region'."""
     if abstraction.variant == "point":

@@ -173,7 +173,7 @@ RECIPES: dict[tuple[str, str], dict[str, Any]] = {
                         "source": "config/cifar_dm_{small,medium,large}.json"},
 }
 COMMON_RECIPE: dict[str, Any] = {"optimizer": "adam", "weight_decay": 2e-4, "lr_schedule": "cosine",
-                                 "warmup_fraction": 0.1, "init": "xavier"}
+                                 "lr_cycles": 2.0, "warmup_fraction": 0.1, "init": "xavier"}
 
 
 def recipe_for(dataset: str, model: str) -> dict[str, Any]:

@@ -67,3 +67,10 @@ def test_keep_best_epoch_returns_the_best_evaluated_epoch(digits):
     from abscert_bench.training.loop import evaluate
     assert evaluate(trained.classifier(), digits.test_x, digits.test_y) == pytest.approx(
         max(m["test_acc"] for m in metrics))
+
+
+def test_cosine_with_two_cycles_returns_to_the_peak():
+    config = TrainConfig("digits", "fc3", "natural", 0.0, epochs=10, lr_schedule="cosine", lr_cycles=2.0)
+    assert config.lr_factor(2.5) == pytest.approx(0.0, abs=1e-12)  # quarter of the way: first trough
+    assert config.lr_factor(5) == pytest.approx(1.0)
+    assert config.lr_factor(10) == pytest.approx(1.0)

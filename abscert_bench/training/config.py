@@ -36,6 +36,7 @@ class TrainConfig:
     lr_milestones: list[int] = field(default_factory=list)  # epochs after which `step` multiplies lr by lr_decay
     lr_decay: float = 0.2
     lr_warmup_epochs: float = 0.0  # linear lr warm-up from 0 (cosine and step), in epochs
+    lr_cycles: float = 0.5  # cosine periods after warm-up (0.5: one half-cosine down to 0; the official AbsCert code: 2)
     budget_s: float = 0.0  # > 0: train for this many seconds of training time; schedules are stretched to it
 
     def validate(self) -> None:
@@ -55,6 +56,8 @@ class TrainConfig:
             raise UserError(f"lr_decay must be in (0, 1], got {self.lr_decay}")
         if not (0 <= self.lr_warmup_epochs < self.epochs):
             raise UserError(f"lr_warmup_epochs must be in [0, epochs), got {self.lr_warmup_epochs}")
+        if not (self.lr_cycles > 0 and math.isfinite(self.lr_cycles)):
+            raise UserError(f"lr_cycles must be > 0, got {self.lr_cycles}")
         if not (self.budget_s >= 0 and math.isfinite(self.budget_s)):
             raise UserError(f"budget_s must be >= 0 seconds (0 = train for `epochs`), got {self.budget_s}")
         if not (0 <= self.kappa_end <= 1):
@@ -72,7 +75,8 @@ class TrainConfig:
             factor *= self.lr_decay ** sum(1 for m in self.lr_milestones if progress >= m)
         elif self.lr_schedule == "cosine" and progress >= self.lr_warmup_epochs:
             span = max(1e-12, self.epochs - self.lr_warmup_epochs)
-            factor *= 0.5 * (1 + math.cos(math.pi * min(1.0, (progress - self.lr_warmup_epochs) / span)))
+            t = min(1.0, (progress - self.lr_warmup_epochs) / span)
+            factor *= max(0.0, 0.5 * (1 + math.cos(2 * math.pi * self.lr_cycles * t)))
         return factor
 
 

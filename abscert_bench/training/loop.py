@@ -179,7 +179,8 @@ def protocol_config(config: TrainConfig, recipe: dict[str, Any]) -> TrainConfig:
     if recipe["row"] == "given":
         return config
     return replace(config, epochs=int(recipe["epochs"]), batch_size=int(recipe["batch_size"]), lr=float(recipe["lr"]),
-                   lr_schedule="cosine", lr_warmup_epochs=float(recipe["lr_warmup_epochs"]), lr_milestones=[])
+                   lr_schedule="cosine", lr_warmup_epochs=float(recipe["lr_warmup_epochs"]), lr_milestones=[],
+                   lr_cycles=float(recipe["lr_cycles"]))
 
 
 def official_search(

@@ -49,9 +49,9 @@ def test_lr_recorded_per_epoch_follows_the_schedule(digits):
 
 def test_budget_mode_stops_on_time_and_completes_the_ramp(digits):
     budget = 1.5
-    # the ramp is the first eighth of the schedule: with the step count as the clock it would still be at
-    # eps ≈ 0.1 · (steps done / 23), with the budget as the clock it is done after an eighth of the budget
-    config = TrainConfig("digits", "fc3", "ibp", 0.1, epochs=8, batch_size=64, warmup_epochs=0, ramp_epochs=1,
+    # the ramp is the first half of a 1,000-epoch schedule: with the step count as the clock eps would still be
+    # near 0 when the budget ends; with the budget as the clock the ramp is done after half of the budget
+    config = TrainConfig("digits", "fc3", "ibp", 0.1, epochs=1000, batch_size=64, warmup_epochs=0, ramp_epochs=500,
                          budget_s=budget)
     _, metrics = train_model(config, create_method("ibp", 0.1), digits.train_x, digits.train_y,
                              digits.test_x[:64], digits.test_y[:64], digits.num_classes)

@@ -90,7 +90,7 @@ class FusedLoss:
         exps = [n for n in nodes if type(n).__name__ == "BoundExp"]
         if len(subs) != 1 or len(exps) != 1:
             raise RuntimeError("unexpected CrossEntropyWrapper graph")
-        self.logits_node, self.exp_node = subs[0].inputs[0], exps[0]
+        self.logits_node, self.gather_node, self.exp_node = subs[0].inputs[0], subs[0].inputs[1], exps[0]
 
     def logits(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Clean forward pass (sets BatchNorm's batch statistics in train mode); returns the network's logits."""
@@ -105,6 +105,9 @@ class FusedLoss:
         lib = lirpa()
         perturbation = lib.PerturbationLpNorm(norm=float("inf"), x_L=lower, x_U=upper)
         bounded_input = lib.BoundedTensor((lower + upper) / 2, perturbation)
+        # auto_LiRPA 0.3's BoundGatherElements back-propagates with the index of its last *forward* call, which the
+        # loss-fusion IBP shortcut skips: without this, the CROWN pass would use stale labels (an unsound bound).
+        self.gather_node.index = y.unsqueeze(-1)
         _, ibp_ub = self.bounded.compute_bounds(x=(bounded_input, y), method="IBP")
         ibp_shift = self.exp_node.max_input  # BoundExp subtracts the largest upper end before exp; add it back
         ibp = torch.log(ibp_ub) + ibp_shift

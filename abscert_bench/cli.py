@@ -190,8 +190,9 @@ def cmd_data(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from .speed import speed_benchmark
 
+    methods = [m for m in args.methods.split(",") if m] if args.methods else None
     print(speed_benchmark(args.dataset, args.model, args.eps, args.epochs, args.batch_size, args.device,
-                          args.data_root, args.limit_train), end="")
+                          args.data_root, args.limit_train, methods), end="")
     return 0
 
 
@@ -320,6 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit-train", type=int, default=None, help="use the first N training images")
     p.add_argument("--device", default="cpu")
     p.add_argument("--data-root", default=None)
+    p.add_argument("--methods", default="", help="comma-separated subset of natural, abscert, ibp, crown-ibp "
+                   "(loss fusion, its default), crown-ibp-unfused (default: all)")
     p.set_defaults(func=cmd_bench)
 
     from .harness.cli import add_run_parser

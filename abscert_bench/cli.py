@@ -46,7 +46,8 @@ def _floats(text: str) -> list[float]:
 def add_training_args(p: argparse.ArgumentParser, single_method: bool) -> None:
     """Options shared by `train` and `demo`/`compare`."""
     p.add_argument("--dataset", default="digits", help="dataset name (default: digits, embedded)")
-    p.add_argument("--model", default="dm_small", help="architecture (fc3, fc5, dm_small, dm_medium, dm_large, lenet5)")
+    p.add_argument("--model", default="dm_small", help="architecture (fc3, fc5, dm_small, dm_medium, dm_large, "
+                   "lenet5, cnn7, dm_small_bn, dm_medium_bn, resnet18, vgg11)")
     p.add_argument("--activation", default="relu", help="relu, sigmoid or tanh")
     if single_method:
         p.add_argument("--method", default="abscert", help="natural, abscert, ibp, crown-ibp")
@@ -63,7 +64,8 @@ def add_training_args(p: argparse.ArgumentParser, single_method: bool) -> None:
                         "usually wants ~10)")
     p.add_argument("--warmup-epochs", type=int, default=1, help="IBP/CROWN-IBP epochs at eps = 0")
     p.add_argument("--ramp-epochs", type=int, default=5, help="IBP/CROWN-IBP epochs of linear eps ramp-up")
-    p.add_argument("--kappa-end", type=float, default=0.5, help="final weight of the clean loss (IBP/CROWN-IBP)")
+    p.add_argument("--kappa-end", type=float, default=0.5, help="final weight of the clean loss (IBP/CROWN-IBP "
+                   "with method option loss_mix = kappa; the default loss_mix = robust ignores it)")
     p.add_argument("--lr-schedule", default="constant", help="constant, step (× --lr-decay after each of "
                    "--lr-milestones) or cosine (to 0 over the epochs)")
     p.add_argument("--lr-milestones", default="", help="comma-separated epochs for --lr-schedule step")

@@ -17,7 +17,7 @@ CNN7_LINEAR = 512
 
 @MODELS.register("cnn7")
 def cnn7(channels: int, height: int, width: int, num_classes: int, act: str = "relu") -> nn.Module:
-    """CNN7-BN: conv64-conv64-conv128/2-conv128-conv128 (BN + activation after each), linear 512 (BN + act), classifier."""
+    """CNN7-BN: conv64-conv64-conv128/2-conv128-conv128 (BN + act after each), linear 512 (BN + act), classifier."""
     layers: list[nn.Module] = []
     for out, stride in CNN7_CONVS:
         layers += [nn.Conv2d(channels, out, 3, stride=stride, padding=1), nn.BatchNorm2d(out), activation(act)]

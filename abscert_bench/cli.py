@@ -46,7 +46,8 @@ def _floats(text: str) -> list[float]:
 def add_training_args(p: argparse.ArgumentParser, single_method: bool) -> None:
     """Options shared by `train` and `demo`/`compare`."""
     p.add_argument("--dataset", default="digits", help="dataset name (default: digits, embedded)")
-    p.add_argument("--model", default="dm_small", help="architecture (fc3, fc5, dm_small, dm_medium, dm_large, lenet5)")
+    p.add_argument("--model", default="dm_small", help="architecture (fc3, fc5, dm_small, dm_medium, dm_large, "
+                   "lenet5, cnn7, dm_small_bn, dm_medium_bn, resnet18, vgg11)")
     p.add_argument("--activation", default="relu", help="relu, sigmoid or tanh")
     if single_method:
         p.add_argument("--method", default="abscert", help="natural, abscert, ibp, crown-ibp")
@@ -70,7 +71,8 @@ def add_training_args(p: argparse.ArgumentParser, single_method: bool) -> None:
                         "usually wants ~10)")
     p.add_argument("--warmup-epochs", type=int, default=1, help="IBP/CROWN-IBP epochs at eps = 0")
     p.add_argument("--ramp-epochs", type=int, default=5, help="IBP/CROWN-IBP epochs of linear eps ramp-up")
-    p.add_argument("--kappa-end", type=float, default=0.5, help="final weight of the clean loss (IBP/CROWN-IBP)")
+    p.add_argument("--kappa-end", type=float, default=0.5, help="final weight of the clean loss (IBP/CROWN-IBP "
+                   "with method option loss_mix = kappa; the default loss_mix = robust ignores it)")
     p.add_argument("--lr-schedule", default="constant", help="constant, step (× --lr-decay after each of "
                    "--lr-milestones) or cosine (to 0 over the epochs)")
     p.add_argument("--lr-milestones", default="", help="comma-separated epochs for --lr-schedule step")
@@ -209,8 +211,9 @@ def cmd_data(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from .speed import speed_benchmark
 
+    methods = [m for m in args.methods.split(",") if m] if args.methods else None
     print(speed_benchmark(args.dataset, args.model, args.eps, args.epochs, args.batch_size, args.device,
-                          args.data_root, args.limit_train), end="")
+                          args.data_root, args.limit_train, methods), end="")
     return 0
 
 
@@ -339,6 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit-train", type=int, default=None, help="use the first N training images")
     p.add_argument("--device", default="cpu")
     p.add_argument("--data-root", default=None)
+    p.add_argument("--methods", default="", help="comma-separated subset of natural, abscert, ibp, crown-ibp "
+                   "(loss fusion, its default), crown-ibp-unfused (default: all)")
     p.set_defaults(func=cmd_bench)
 
     from .harness.cli import add_run_parser

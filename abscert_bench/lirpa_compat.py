@@ -54,6 +54,29 @@ def _shim_node_getitem() -> None:
     _APPLIED.append("torch._C.Node.__getitem__")
 
 
+def _shim_gather_elements() -> None:
+    """Register `aten::gather` → ONNX GatherElements for opset >= 11 when torch has not loaded that symbolic.
+
+    auto_LiRPA exports at opset 12, but torch >= 2.x registers only the opset-9/10 symbolics unless a full
+    `torch.onnx.export` ran first; opset 9 writes gather as OneHot·Mul·ReduceSum, which auto_LiRPA cannot bound.
+    `torch.gather` appears in auto_LiRPA's CrossEntropyWrapper (loss fusion). Only this one op is registered.
+    """
+    import torch
+
+    registration = importlib.import_module("torch.onnx._internal.torchscript_exporter.registration")
+    group = registration.registry.get_function_group("aten::gather")
+    if group is not None and group.get(12) is not None and group.get(12) is not group.get(9):
+        return
+    symbolic_helper = importlib.import_module("torch.onnx.symbolic_helper")
+
+    @symbolic_helper.parse_args("v", "i", "v", "v")
+    def gather(g, self, dim, index, sparse_grad=False):
+        return g.op("GatherElements", self, index, axis_i=dim)
+
+    torch.onnx.register_custom_op_symbolic("aten::gather", gather, 11)
+    _APPLIED.append("aten::gather opset-11 symbolic")
+
+
 def _shim_named_members(bound_module_cls: type) -> None:
     """auto_LiRPA's `_named_members` override lacks torch's newer `remove_duplicate` argument."""
     original = bound_module_cls._named_members
@@ -74,6 +97,7 @@ def lirpa() -> ModuleType:
     _shim_numpy_arraysetops()
     _shim_set_opset_version()
     _shim_node_getitem()
+    _shim_gather_elements()
     try:
         module = importlib.import_module("auto_LiRPA")
     except ImportError as exc:

@@ -7,7 +7,7 @@ from abscert_bench.abstraction import ball
 from abscert_bench.verify.base import VERIFIERS, Verifier, clean_check
 from abscert_bench.verify.pgd import pgd_attack
 
-from .bounds import bounded_module, margin_lower_bounds
+from .bounds import bounded_module, margin_lower_bounds, set_batchnorm_training
 
 
 class BoundVerifier(Verifier):
@@ -24,10 +24,13 @@ class BoundVerifier(Verifier):
         return trained.abstraction is None
 
     def bounded_for(self, trained, example: torch.Tensor):
-        """One BoundedModule per network, built on first use."""
+        """One BoundedModule per network, built on first use, bounding the network in eval mode: BatchNorm uses
+        its running statistics, i.e. the deployed network (converted with `network.eval()`, see bounds._build)."""
         key = id(trained.network)
         if key not in self._bounded:
+            trained.network.eval()
             self._bounded[key] = bounded_module(trained.network, example, self.bound_opts)
+        set_batchnorm_training(self._bounded[key], False)
         return self._bounded[key]
 
     def release(self) -> None:

@@ -7,15 +7,18 @@ from .data import load_dataset
 from .training.loop import TrainConfig, train_model
 from .training.methods import create_method
 
-# label → (training method, options); every method with its defaults (CROWN-IBP: loss fusion on)
+# label → (training method, options). `crown-ibp` is the bound computation alone (loss fusion, its default, without
+# the warm-up regularisers); `crown-ibp+reg` adds the Shi et al. regularisers as the recipe runs them during the
+# ramp (they fade to 0 when the ramp ends); `crown-ibp-unfused` bounds the K-1 margins instead.
 BENCH_METHODS: dict[str, tuple[str, dict]] = {
     "natural": ("natural", {}),
     "abscert": ("abscert", {"d": 0.2}),
     "ibp": ("ibp", {}),
-    "crown-ibp": ("crown-ibp", {}),
-    "crown-ibp-unfused": ("crown-ibp", {"loss_fusion": False}),
+    "crown-ibp": ("crown-ibp", {"reg_weight": 0.0}),
+    "crown-ibp+reg": ("crown-ibp", {}),
+    "crown-ibp-unfused": ("crown-ibp", {"loss_fusion": False, "reg_weight": 0.0}),
 }
-TARGET_ABSCERT_RATIO = 1.05
+TARGET_ABSCERT_RATIO = 1.02  # on every repeat (the paired, interleaved epochs), not only the median
 TARGET_CROWN_IBP_RATIO = 6.0  # CROWN-IBP with loss fusion against natural training
 
 
@@ -59,6 +62,8 @@ def speed_benchmark(
     for label, target in (("abscert", TARGET_ABSCERT_RATIO), ("crown-ibp", TARGET_CROWN_IBP_RATIO)):
         if label in median:
             ratio = median[label] / median["natural"]
-            verdict = "meets" if ratio <= target else "misses"
-            lines.append(f"{label}/natural = {ratio:.3f} ({verdict} the target <= {target:g})")
+            paired = [t / base for t, base in zip(times[label], times["natural"])]
+            verdict = "meets" if max(paired) <= target else "misses"
+            lines.append(f"{label}/natural = {ratio:.3f} median; per repeat "
+                         f"{', '.join(f'{r:.3f}' for r in paired)} ({verdict} the target <= {target:g} on every repeat)")
     return "\n".join(lines) + "\n"

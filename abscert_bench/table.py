@@ -56,6 +56,7 @@ def run_rows(run_dir: Path) -> list[dict[str, Any]]:
         "train_eps": config["eps"], "epochs": len(metrics),
         "clean_acc": float(final["test_acc"]) if final else float("nan"),
         "train_s_per_epoch": statistics.mean(epoch_times) if epoch_times else float("nan"),
+        "train_s": sum(epoch_times), "budget_s": float(config.get("budget_s") or 0.0),
     }
     if protocol != "pixel":
         base.update({"protocol": protocol, "selection": config.get("selection", "")})

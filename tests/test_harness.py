@@ -150,18 +150,37 @@ def test_grid_expansion_and_sweep():
 
 
 def test_shipped_specs_are_valid():
-    counts = {path.stem: len(load_spec(path).cells) for path in sorted((ROOT / "specs").glob("*.toml"))}
-    assert {"quick", "mnist", "mnist-paper", "fashion-mnist", "fashion-mnist-paper", "cifar10",
-            "scalability"} <= set(counts)
-    assert all(n > 0 for n in counts.values())
-    # the CPU-budget specs run the paper grids: same cells, smaller budget
-    for name in ("mnist", "fashion-mnist"):
-        cpu, paper = load_spec(ROOT / "specs" / f"{name}.toml"), load_spec(ROOT / "specs" / f"{name}-paper.toml")
-        assert {(c["model"], c["eps"], c["label"]) for c in cpu.cells} == \
-            {(c["model"], c["eps"], c["label"]) for c in paper.cells}
-    mnist = load_spec(ROOT / "specs" / "mnist.toml")
-    assert {c["model"] for c in mnist.cells} == {"fc3", "dm_small", "dm_medium", "dm_large"}
-    assert {c["eps"] for c in mnist.cells} == {0.1, 0.2, 0.3}
+    specs = {path.stem: load_spec(path) for path in sorted((ROOT / "specs").glob("*.toml"))}
+    assert {"quick", "mnist", "mnist-paper", "mnist-gpu", "fashion-mnist", "fashion-mnist-paper", "cifar10",
+            "scalability"} <= set(specs)
+    assert all(len(spec.cells) > 0 for spec in specs.values())
+    # the fashion-mnist CPU-budget spec runs the paper grid: same cells, smaller budget
+    cpu, paper = specs["fashion-mnist"], specs["fashion-mnist-paper"]
+    assert {(c["model"], c["eps"], c["label"]) for c in cpu.cells} == \
+        {(c["model"], c["eps"], c["label"]) for c in paper.cells}
+    # mnist is the paper-scale grid's FC3 / DM_Small part, with the same methods and recipes
+    mnist, mnist_paper = specs["mnist"], specs["mnist-paper"]
+    assert {c["model"] for c in mnist.cells} == {"fc3", "dm_small"}
+    assert {c["eps"] for c in mnist.cells} == {0.05, 0.1, 0.2, 0.3}
+    paper_cells = {(c["model"], c["eps"], c["label"]): c for c in mnist_paper.cells}
+    for cell in mnist.cells:
+        twin = paper_cells[(cell["model"], cell["eps"], cell["label"])]
+        assert twin["method_options"] == cell["method_options"] and twin["train"] == cell["train"]
+    labels = {c["label"] for c in mnist.cells}
+    assert {"abscert-official", "abscert-clean", "ibp", "crown-ibp"} <= labels
+    # the GPU spec: the full paper grid on cuda, every method, every test image
+    gpu = specs["mnist-gpu"]
+    assert {c["model"] for c in gpu.cells} == {"fc3", "dm_small", "dm_medium", "dm_large", "cnn7"}
+    assert {c["eps"] for c in gpu.cells} == {0.1, 0.2, 0.3}
+    assert {c["label"] for c in gpu.cells} == {"natural", "abscert-official", "abscert-clean", "ibp", "crown-ibp"}
+    assert all(c["train"]["device"] == "cuda" and c["verify"]["limit"] >= 2004 for c in gpu.cells)
+    assert all("abscert-sound" not in c["verify"]["options"] for c in gpu.cells)  # sound on all test images
+    # the baselines follow the Shi et al. recipe constant
+    from abscert_bench.training.recipes import SHI2021_MNIST
+    for spec in (mnist, mnist_paper, gpu):
+        for cell in spec.cells:
+            if cell["label"] in ("ibp", "crown-ibp"):
+                assert {k: cell["train"][k] for k in SHI2021_MNIST} == SHI2021_MNIST
 
 
 # -- running and resuming -------------------------------------------------------------------------------------------

@@ -231,6 +231,7 @@ def to_markdown(rows: list[dict[str, Any]]) -> str:
               "*paper ✓ / sound ✗*: samples the paper check accepts but the sound check falsifies. "
               "*stopped*: the stage went over the spec's time or memory cap."]
     lines += table_notes(rows)
+    lines += budget_notes(rows)
     lines += _stop_notes(rows)
     lines += _resized_notes(rows)
     lines += ["", summary_markdown(rows)]
@@ -260,6 +261,28 @@ def summary_markdown(rows: list[dict[str, Any]]) -> str:
               "A baseline whose clean error is near chance did not train at the spec's budget: its row says "
               "nothing about the method."]
     return "\n".join(lines)
+
+
+def budget_notes(rows: list[dict[str, Any]]) -> list[str]:
+    """One line saying which comparison the table makes: equal wall-clock budget or each method's own epochs."""
+    trained = [r for r in rows if not r.get("train_stopped") and r.get("epochs")]
+    if not trained:
+        return []
+    budgets = sorted({float(r.get("budget_s") or 0.0) for r in trained})
+    if budgets == [0.0]:
+        epochs: dict[str, set[int]] = {}
+        for r in trained:
+            epochs.setdefault(str(r["label"]), set()).add(int(round(float(r["epochs"]))))
+        listed = ", ".join(f"{label} {'/'.join(str(e) for e in sorted(values))}"
+                           for label, values in sorted(epochs.items()))
+        return [f"Budget — equal recipes, not equal time: each method trains for its own epochs ({listed}; "
+                f"the final model's epochs, an AbsCert d search's other models not counted); "
+                f"*train s/epoch* gives the cost."]
+    if 0.0 in budgets:
+        return ["Budget — mixed: some rows had a wall-clock training budget (train.budget_s), others trained "
+                "for their epochs; compare within one kind only."]
+    return [f"Budget — equal wall-clock training budget: {'/'.join(f'{b:g}' for b in budgets)} s of training "
+            f"per model (evaluation excluded), every schedule stretched to it; epochs differ by method."]
 
 
 def _resized_notes(rows: list[dict[str, Any]]) -> list[str]:

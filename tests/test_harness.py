@@ -151,7 +151,7 @@ def test_grid_expansion_and_sweep():
 
 def test_shipped_specs_are_valid():
     specs = {path.stem: load_spec(path) for path in sorted((ROOT / "specs").glob("*.toml"))}
-    assert {"quick", "mnist", "mnist-paper", "mnist-gpu", "fashion-mnist", "fashion-mnist-paper", "cifar10",
+    assert {"quick", "mnist", "mnist-official", "mnist-budget", "mnist-paper", "mnist-gpu", "fashion-mnist", "fashion-mnist-paper", "cifar10",
             "scalability"} <= set(specs)
     assert all(len(spec.cells) > 0 for spec in specs.values())
     # the fashion-mnist CPU-budget spec runs the paper grid: same cells, smaller budget
@@ -161,13 +161,16 @@ def test_shipped_specs_are_valid():
     # mnist is the paper-scale grid's FC3 / DM_Small part, with the same methods and recipes
     mnist, mnist_paper = specs["mnist"], specs["mnist-paper"]
     assert {c["model"] for c in mnist.cells} == {"fc3", "dm_small"}
-    assert {c["eps"] for c in mnist.cells} == {0.05, 0.1, 0.2, 0.3}
+    assert {c["eps"] for c in mnist.cells} == {0.1, 0.2, 0.3}
     paper_cells = {(c["model"], c["eps"], c["label"]): c for c in mnist_paper.cells}
     for cell in mnist.cells:
         twin = paper_cells[(cell["model"], cell["eps"], cell["label"])]
         assert twin["method_options"] == cell["method_options"] and twin["train"] == cell["train"]
     labels = {c["label"] for c in mnist.cells}
-    assert {"abscert-official", "abscert-clean", "ibp", "crown-ibp"} <= labels
+    assert {"natural", "abscert", "abscert-official", "ibp", "crown-ibp"} == labels
+    official = specs["mnist-official"]  # the paper's eps 0.1 = pixel 0.05, official beside clean selection
+    assert {(c["eps"], c["method_options"]["protocol"]) for c in official.cells} == {(0.05, "official"),
+                                                                                    (0.05, "clean")}
     # the GPU spec: the full paper grid on cuda, every method, every test image
     gpu = specs["mnist-gpu"]
     assert {c["model"] for c in gpu.cells} == {"fc3", "dm_small", "dm_medium", "dm_large", "cnn7"}

@@ -36,6 +36,14 @@ def test_only_widths_that_divide_one_qualify():
     assert not divides_one(0.4) and not divides_one(0.3) and not divides_one(0.6)
 
 
+def test_nested_body_without_normalisation():
+    torch.manual_seed(1)
+    body = create_model("dm_small", (2, 8, 8), 10)
+    network = torch.nn.Sequential(body, torch.nn.ReLU())
+    z = phi(torch.rand(3, 1, 8, 8), 0.25)
+    assert torch.allclose(lower_forward(network, z[:, :1], 0.25), network(z), atol=1e-5)
+
+
 def test_other_shapes_fall_back():
     network = torch.nn.Sequential(torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(128, 10))
     assert lower_forward(network, torch.rand(2, 1, 8, 8), 0.2) is None

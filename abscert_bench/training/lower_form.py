@@ -27,8 +27,8 @@ def divides_one(d: float) -> bool:
     return k >= 1 and math.isclose(k * d, 1.0, rel_tol=0.0, abs_tol=1e-12)
 
 
-def split_first_layer(network: nn.Module) -> tuple[Normalize | None, nn.Module, int] | None:
-    """(normalisation or None, first affine layer, index of the layer after it), or None when N has another shape."""
+def split_first_layer(network: nn.Module) -> tuple[Normalize | None, nn.Module, nn.Module] | None:
+    """(normalisation or None, first affine layer, the layers after it), or None when N has another shape."""
     if not isinstance(network, nn.Sequential):
         return None
     layers = list(network)
@@ -39,12 +39,12 @@ def split_first_layer(network: nn.Module) -> tuple[Normalize | None, nn.Module, 
         inner = split_first_layer(layers[start])
         if inner is None or inner[0] is not None:
             return None
-        return norm, inner[1], -1  # -1: the first layer is inside the body
+        return norm, inner[1], nn.Sequential(inner[2], *layers[start + 1:])
     if start < len(layers) and isinstance(layers[start], nn.Conv2d) and layers[start].groups == 1 \
             and layers[start].padding_mode == "zeros":
-        return norm, layers[start], start + 1
+        return norm, layers[start], nn.Sequential(*layers[start + 1:])
     if start + 1 < len(layers) and isinstance(layers[start], nn.Flatten) and isinstance(layers[start + 1], nn.Linear):
-        return norm, layers[start + 1], start + 2
+        return norm, layers[start + 1], nn.Sequential(*layers[start + 2:])
     return None
 
 
@@ -59,7 +59,7 @@ def lower_forward(network: nn.Module, lower: torch.Tensor, d: float) -> torch.Te
     parts = split_first_layer(network)
     if parts is None:
         return None
-    norm, first, after = parts
+    norm, first, rest = parts
     channels = lower.shape[1]
     mean = norm.mean.flatten() if norm is not None else torch.zeros(2 * channels, device=lower.device)
     std = norm.std.flatten() if norm is not None else torch.ones(2 * channels, device=lower.device)
@@ -78,14 +78,4 @@ def lower_forward(network: nn.Module, lower: torch.Tensor, d: float) -> torch.Te
         constant = torch.cat([-mean[:channels] / std[:channels], (d - mean[channels:]) / std[channels:]])
         const_image = constant.repeat_interleave(features // channels).view(1, -1)
     out = _affine(first, lower, w_eff, None) + _affine(first, const_image, weight, first.bias)
-    rest = _rest(network, after)
     return rest(out)
-
-
-def _rest(network: nn.Sequential, after: int) -> nn.Module:
-    layers = list(network)
-    if after == -1:  # Sequential(Normalize, body): the body's layers after its first affine layer
-        body = layers[1]
-        inner = split_first_layer(body)
-        return nn.Sequential(*list(body)[inner[2]:])
-    return nn.Sequential(*layers[after:])

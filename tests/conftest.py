@@ -5,6 +5,17 @@ from abscert_bench.data import load_dataset
 from abscert_bench.training.loop import TrainConfig, run_training
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny networks: intra-op threads only add synchronisation overhead (modules opt in with usefixtures)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def digits():
     return load_dataset("digits")

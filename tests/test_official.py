@@ -35,12 +35,7 @@ from abscert_bench.verify import create_verifier
 LEVELS = np.arange(256)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # -- candidates and cell count: main.py generate_d, `interval_num = 2 // d` -------------------------------------------

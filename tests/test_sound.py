@@ -21,13 +21,7 @@ SHAPE = (1, 3, 3)
 CLASSES = 3
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The networks here are tiny: intra-op threads only add synchronisation overhead."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Unfoldable(nn.Module):

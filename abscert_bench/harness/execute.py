@@ -223,13 +223,10 @@ def _train_stage(params: dict[str, Any], config, dataset, run_dir: Path, result:
 
 def _final_epochs(run_dir: Path) -> list[dict[str, Any]]:
     """Per-epoch rows of the final training (metrics.csv), [] when training did not get that far."""
-    import csv
+    from ..rundir import read_csv
 
     path = run_dir / "metrics.csv"
-    if not path.exists():
-        return []
-    with path.open() as handle:
-        return [{"train_time_s": float(row["train_time_s"])} for row in csv.DictReader(handle)]
+    return [{"train_time_s": float(row["train_time_s"])} for row in read_csv(path)] if path.exists() else []
 
 
 def _stop(result: dict[str, Any], reason: str, log: Callable[[str], None]) -> None:

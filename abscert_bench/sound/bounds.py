@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from baselines.bounds import LIRPA_METHODS
+from baselines.bounds import LIRPA_METHODS, margin_matrix
 
 from ..devices import module_device
 from ..lirpa_compat import lirpa
@@ -126,13 +126,6 @@ def round_up(values: np.ndarray) -> np.ndarray:
     above = out.astype(np.float64) < values
     out[above] = np.nextafter(out[above], np.float32(np.inf))
     return out
-
-
-def margin_matrix(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Rows e_y - e_j for every j != y (n × (K-1) × K)."""
-    eye = torch.eye(num_classes)
-    others = torch.stack([eye[[j for j in range(num_classes) if j != int(label)]] for label in labels])
-    return eye[labels].unsqueeze(1) - others
 
 
 @dataclass
@@ -230,7 +223,7 @@ class HullBounder:
         x_lo, x_hi = x_lo.to(self.device), x_hi.to(self.device)
         ptb = lib.PerturbationLpNorm(norm=float("inf"), x_L=x_lo, x_U=x_hi)
         inputs = (lib.BoundedTensor((x_lo + x_hi) / 2, ptb),)
-        spec = margin_matrix(labels.cpu(), self.num_classes).to(self.device)
+        spec = margin_matrix(labels.to(self.device), self.num_classes)
         need_a = method != "ibp"
         kwargs: dict = {}
         if need_a:

@@ -16,13 +16,9 @@ from ..official import (SELECTION, VALIDATION_FRACTION, check_protocol, given_re
                         recipe_for)
 from ..rundir import write_csv, write_json
 from ..trained import TrainedModel, build_network, save_checkpoint
-from .config import TrainConfig
+from .config import TrainConfig, _as_list
 from .methods import TrainingMethod, create_method
 from .schedule import Schedule
-
-
-def _as_list(value: Any) -> list[Any]:
-    return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
 def resolve_device(name: str) -> torch.device:

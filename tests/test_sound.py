@@ -396,3 +396,23 @@ def test_counterexample_file_round_trip(tmp_path):
         recheck_file(checkpoint, tmp_path / "partial.npz")
     with pytest.raises(UserError):
         recheck_file(checkpoint, tmp_path / "missing.npz")
+
+
+@pytest.mark.parametrize("seed", [17, 21, 33])
+def test_reused_verifier_sees_in_place_weight_changes(seed):
+    """A verifier reused after an in-place edit that keeps every parameter's sum (a permutation of the
+    first layer's rows, written with .data.copy_, so no version counter moves) answers like a fresh one."""
+    trained = tiny_model(seed, "point", 0.2, kind="fc")
+    x, y = labelled_batch(trained, 0.1, seed, n=6)
+    options = {"enumerate_limit": 0, "attack": False}  # bounds and BaB decide
+    reused = create_verifier("abscert-sound", **options)
+    before = [r.status for r in reused.verify(trained, x, y, 0.1)]
+    layer = trained.network[1]
+    perm = torch.randperm(layer.out_features, generator=torch.Generator().manual_seed(seed))
+    sums = [float(p.detach().double().sum()) for p in trained.network.parameters()]
+    layer.weight.data.copy_(layer.weight.data[perm].clone())
+    layer.bias.data.copy_(layer.bias.data[perm].clone())
+    assert [float(p.detach().double().sum()) for p in trained.network.parameters()] == pytest.approx(sums, abs=1e-9)
+    fresh = [r.status for r in create_verifier("abscert-sound", **options).verify(trained, x, y, 0.1)]
+    assert fresh != before  # the edit changes answers, so a stale engine would show
+    assert [r.status for r in reused.verify(trained, x, y, 0.1)] == fresh

@@ -25,6 +25,7 @@ their samples in equal shares; `time_s` is the sum plus the sample's share of th
 """
 from __future__ import annotations
 
+import hashlib
 import time
 from typing import Any, Callable
 
@@ -42,6 +43,16 @@ from ..sound.search import SearchOutcome, branch_and_bound, enumerate_domain
 from .base import VERIFIERS, SampleResult, Verifier, clean_check
 
 QUICK_BATCH = 8  # samples per batched pre-pass bound call
+
+
+def network_digest(network: torch.nn.Module) -> str:
+    """A content hash of a module's parameters and buffers (names, shapes, dtypes and exact values)."""
+    digest = hashlib.blake2b(digest_size=16)
+    for name, tensor in list(network.named_parameters()) + list(network.named_buffers()):
+        value = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{tuple(value.shape)}:{value.dtype};".encode())
+        digest.update(value.view(torch.uint8).numpy().tobytes() if value.numel() else b"")
+    return digest.hexdigest()
 
 
 class SoundVerifier(Verifier):
@@ -79,7 +90,7 @@ class SoundVerifier(Verifier):
         self.bab_batch = int(bab_batch)
         self.fast_first = bool(fast_first)
         self.seed = int(seed)
-        self._bounders: dict[int, tuple[torch.nn.Module, tuple, HullBounder]] = {}
+        self._bounders: dict[int, tuple[torch.nn.Module, str, HullBounder]] = {}
 
     def applies_to(self, trained) -> bool:
         return trained.abstraction is not None
@@ -123,12 +134,18 @@ class SoundVerifier(Verifier):
         return eps
 
     def bounder(self, trained) -> HullBounder:
-        """The bound engine for this network, built once (rebuilt only if its weights changed)."""
+        """The bound engine for this network, built once and rebuilt whenever its weights changed.
+
+        The cache key is a content hash of every parameter and buffer (`network_digest`): in-place edits
+        that keep shapes, sums or data pointers (a permutation, `p.data.copy_`) still change it, so a
+        reused verifier never bounds a stale copy of the network.
+        """
         network = trained.network
-        fingerprint = tuple(float(p.detach().double().sum()) for p in network.parameters())
+        digest = network_digest(network)
         entry = self._bounders.get(id(network))
-        if entry is None or entry[0] is not network or entry[1] != fingerprint:
-            entry = (network, fingerprint, HullBounder(trained, self.bound_method))
+        if entry is None or entry[0] is not network or entry[1] != digest:
+            self._bounders.clear()  # one network at a time: a stale engine is never kept around
+            entry = (network, digest, HullBounder(trained, self.bound_method))
             self._bounders[id(network)] = entry
         return entry[2]
 

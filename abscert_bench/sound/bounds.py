@@ -35,6 +35,7 @@ from torch import nn
 
 from baselines.bounds import LIRPA_METHODS, margin_matrix
 
+from ..budget import BatchPlanner, guarded
 from ..devices import module_device
 from ..lirpa_compat import lirpa
 from .choices import PixelOptions
@@ -43,6 +44,8 @@ from .choices import PixelOptions
 #: and for the margins. On a conv net almost all of CROWN's cost is the intermediate bounds of the early,
 #: wide layers; this pass skips them and still decides most easy samples (MNIST DM_Small: ~2x faster).
 CROWN_LAST = "crown-last"
+DEFAULT_MEMORY_MB = 4096.0  # memory budget of one bound call (MiB), see `abscert_bench.budget`
+QUICK_MIN_TRIED, QUICK_MIN_SHARE = 16, 0.2  # the cheap pre-pass is dropped once it decides < 20 % of 16+ samples
 
 
 class GapHullNetwork(nn.Module):
@@ -153,7 +156,7 @@ class DomainBounds:
 class HullBounder:
     """auto_LiRPA bounds over domain hulls for one trained AbsCert model; the BoundedModule is built once."""
 
-    def __init__(self, trained, method: str = "crown") -> None:
+    def __init__(self, trained, method: str = "crown", memory_mb: float = DEFAULT_MEMORY_MB) -> None:
         if method not in LIRPA_METHODS and method != CROWN_LAST:
             raise ValueError(f"unknown bound method {method!r}")
         self.method = method
@@ -176,8 +179,18 @@ class HullBounder:
         self.module = self.module.to(self.device).eval()
         self.bounded = lirpa().BoundedModule(self.module, torch.zeros(1, 2 * c, h, w, device=self.device),
                                              device=self.device)
+        # every bound call runs under a deadline and a memory budget; batch sizes follow the measured memory
+        self.planner = BatchPlanner(memory_mb, guarded(self.bounded), self.device)
+        self.quick_tried = self.quick_decided = 0
+        self.quick_off = False
         self.relu_inputs = [node.inputs[0].name for node in self.bounded._modules.values()
                             if type(node).__name__ == "BoundRelu"]
+
+    def quick_useful(self) -> bool:
+        """Whether the cheap pre-pass still pays on this network (it decides >= QUICK_MIN_SHARE of samples)."""
+        if self.quick_off:
+            return False
+        return self.quick_tried < QUICK_MIN_TRIED or self.quick_decided >= QUICK_MIN_SHARE * self.quick_tried
 
     def _ibp_intermediate(self, inputs) -> dict:
         """IBP bounds of every ReLU layer's input except the last one (for CROWN_LAST)."""
@@ -197,14 +210,19 @@ class HullBounder:
         self, options: PixelOptions, samples: np.ndarray, first: np.ndarray, last: np.ndarray,
         labels: torch.Tensor, method: str | None = None,
         fixed: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
-        reference: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+        reference: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None, deadline: float | None = None,
     ) -> DomainBounds:
         """Bounds for n domains: domain i is sample `samples[i]` with option ranges first[i]..last[i] (n × P).
 
         `fixed`: bounds on ReLU inputs (batched like the domains) to use as they are instead of computing
         them — sound whenever each domain lies inside the domain they were computed for (a BaB parent).
         `reference`: such bounds used to tighten (and sparsify) freshly computed ones.
+        Raises BoundTimeout past `deadline` and OutOfMemoryBudget past the planner's budget (at a layer boundary).
         """
+        return self.planner.call(lambda: self._bound(options, samples, first, last, labels, method, fixed, reference),
+                                 len(samples), deadline)
+
+    def _bound(self, options, samples, first, last, labels, method, fixed, reference) -> DomainBounds:
         lib = lirpa()
         method = method or self.method
         n = len(samples)

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..budget import BoundTimeout, out_of_budget
 from .attack import abstract_batch
 from .bounds import DomainBounds, HullBounder
 from .choices import PixelOptions
@@ -108,16 +109,31 @@ def branch_and_bound(
 ) -> SearchOutcome:
     """Decide one sample by branch and bound over its choice pixels, until verified, falsified or deadline.
 
+    Every bound call runs under the deadline and the bounder's memory budget (domains per call: at most
+    `batch`, fewer when the budget says so); running out of either ends the search as `unknown`.
+
     Children reuse their parent's bounds on every ReLU input but the first (sound: a child's hull lies in
     its parent's), so a child costs one backward pass for the margins instead of a full CROWN run; every
     `refresh_every` splits a domain's ReLU-input bounds are recomputed, tightened by the parent's.
     """
+    try:
+        return _branch_and_bound(bounder, network, options, sample, label, root, deadline, batch, enumerate_limit,
+                                 refresh_every)
+    except Exception as error:  # noqa: BLE001 - only time and memory limits are answers
+        if not out_of_budget(error):
+            raise
+        return SearchOutcome("unknown", stage="timeout" if isinstance(error, BoundTimeout) else "memory",
+                             notes={"stopped": str(error)})
+
+
+def _branch_and_bound(bounder, network, options, sample, label, root, deadline, batch, enumerate_limit,
+                      refresh_every) -> SearchOutcome:
     labels = torch.tensor([label])
     first0 = np.zeros(options.count.shape[1], dtype=np.int64)
     last0 = options.count[sample] - 1
     leaf_limit = max(1, enumerate_limit)
     if root is None:
-        root = bounder.bound(options, np.array([sample]), first0[None], last0[None], labels)
+        root = bounder.bound(options, np.array([sample]), first0[None], last0[None], labels, deadline=deadline)
     if bool((root.margins[0] > 0).all()):
         return SearchOutcome("verified", stage="bounds")
     queue = [Domain(float(root.margins[0].min()), first0, last0, root.split_score[0],
@@ -129,7 +145,8 @@ def branch_and_bound(
         if time.perf_counter() > deadline:
             return SearchOutcome("unknown", branches=branches, stage="timeout")
         queue.sort(key=lambda item: item.margin)
-        picked, queue = queue[:max(1, batch // 2)], queue[max(1, batch // 2):]
+        take = max(1, bounder.planner.size(batch) // 2)  # two children per picked domain
+        picked, queue = queue[:take], queue[take:]
         children: list[tuple[Domain, np.ndarray, np.ndarray]] = []
         for parent in picked:
             if domain_size(parent.first, parent.last) <= leaf_limit:
@@ -157,10 +174,11 @@ def branch_and_bound(
             firsts, lasts = np.stack([c[1] for c in group]), np.stack([c[2] for c in group])
             if is_refresh:
                 bounds = bounder.bound(options, np.full(len(group), sample), firsts, lasts,
-                                       labels.repeat(len(group)), reference=_stack(parents, bounder.relu_inputs))
+                                       labels.repeat(len(group)), reference=_stack(parents, bounder.relu_inputs),
+                                       deadline=deadline)
             else:
                 bounds = bounder.bound(options, np.full(len(group), sample), firsts, lasts,
-                                       labels.repeat(len(group)), fixed=_stack(parents, reused))
+                                       labels.repeat(len(group)), fixed=_stack(parents, reused), deadline=deadline)
             open_ = ~(bounds.margins > 0).all(dim=1).numpy()
             idx = np.flatnonzero(open_)
             if idx.size == 0:

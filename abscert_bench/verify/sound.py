@@ -33,16 +33,18 @@ import numpy as np
 import torch
 
 from ..abstraction import check_eps, check_granularity
+from ..budget import BoundTimeout, out_of_budget
 from ..devices import OnDevice
 from ..errors import UserError
 from ..sound.attack import discrete_attack
-from ..sound.bounds import CROWN_LAST, LIRPA_METHODS, HullBounder
+from ..sound.bounds import CROWN_LAST, DEFAULT_MEMORY_MB, LIRPA_METHODS, HullBounder
 from ..sound.choices import reachable_options
 from ..sound.recheck import recheck_counterexample
 from ..sound.search import SearchOutcome, branch_and_bound, enumerate_domain
 from .base import VERIFIERS, SampleResult, Verifier, clean_check
 
-QUICK_BATCH = 8  # samples per batched pre-pass bound call
+QUICK_BATCH = 8  # most samples per batched pre-pass bound call (fewer when the memory budget says so)
+QUICK_TIME_SHARE = 0.25  # the pre-pass may use this share of its samples' time budgets, else it is dropped
 
 
 def network_digest(network: torch.nn.Module) -> str:
@@ -61,7 +63,13 @@ class SoundVerifier(Verifier):
     Options: `timeout` (s per sample), `bound_method` ('crown', 'alpha-crown', 'crown-ibp', 'ibp'),
     `enumerate_limit` (enumerate exactly when at most this many abstract inputs remain; 0 disables the
     enumeration stage, BaB leaves are then single inputs), `attack` / `attack_steps` / `attack_restarts`,
-    `bab_batch` (domains per bound call), `fast_first` (the cheap batched pre-pass), `seed`.
+    `bab_batch` (most domains per bound call), `fast_first` (the cheap batched pre-pass, dropped by itself on
+    networks where it decides too few samples), `memory_mb` (memory budget of one bound call, MiB: batch sizes
+    are planned from it, a sample whose bound does not fit alone is `unknown`), `seed`.
+
+    Time and memory are limits, not failures: the per-sample `timeout` covers every stage including the root
+    bound (auto_LiRPA is stopped at the next layer boundary), and a sample past it is `unknown` (stage
+    'timeout'); a sample whose bound exceeds the memory budget is `unknown` (stage 'memory').
     """
 
     name = "abscert-sound"
@@ -72,7 +80,7 @@ class SoundVerifier(Verifier):
     def __init__(
         self, timeout: float = 10.0, bound_method: str = "crown", enumerate_limit: int = 256,
         attack: bool = True, attack_steps: int = 3, attack_restarts: int = 1, bab_batch: int = 32,
-        fast_first: bool = True, seed: int = 0,
+        fast_first: bool = True, memory_mb: float = DEFAULT_MEMORY_MB, seed: int = 0,
     ) -> None:
         if not timeout > 0:
             raise UserError(f"abscert-sound: timeout must be > 0 seconds, got {timeout}")
@@ -81,6 +89,9 @@ class SoundVerifier(Verifier):
         if enumerate_limit < 0 or bab_batch < 1 or attack_steps < 1 or attack_restarts < 0:
             raise UserError("abscert-sound: enumerate_limit >= 0, bab_batch >= 1, attack_steps >= 1, "
                             "attack_restarts >= 0 required")
+        if not memory_mb > 0:
+            raise UserError(f"abscert-sound: memory_mb must be > 0, got {memory_mb}")
+        self.memory_mb = float(memory_mb)
         self.timeout = float(timeout)
         self.bound_method = bound_method
         self.enumerate_limit = int(enumerate_limit)
@@ -145,7 +156,7 @@ class SoundVerifier(Verifier):
         entry = self._bounders.get(id(network))
         if entry is None or entry[0] is not network or entry[1] != digest:
             self._bounders.clear()  # one network at a time: a stale engine is never kept around
-            entry = (network, digest, HullBounder(trained, self.bound_method))
+            entry = (network, digest, HullBounder(trained, self.bound_method, self.memory_mb))
             self._bounders[id(network)] = entry
         return entry[2]
 
@@ -281,20 +292,21 @@ class _BatchRun:
         v = self.verifier
         bounder = v.bounder(self.trained)
         if v.fast_first and v.bound_method in ("crown", "alpha-crown"):
-            for start in range(0, len(pending), QUICK_BATCH):
-                members = pending[start:start + QUICK_BATCH]
-                clock = time.perf_counter()
-                quick = bounder.bound(self.options, np.asarray(members), self.root_first(len(members)),
-                                      self.options.count[members] - 1, self.y[members], method=CROWN_LAST)
-                self.charge(clock, members, "bounds_s")
-                for i, ok in zip(members, (quick.margins > 0).all(dim=1).tolist()):
-                    if ok:
-                        self.decide(i, "verified", "bounds")
+            self.quick_stage(bounder, pending)
             pending = self.open()
         for i in pending:
             clock = time.perf_counter()
-            root = bounder.bound(self.options, np.array([i]), self.root_first(1),
-                                 self.options.count[i][None] - 1, self.y[i:i + 1])
+            deadline = clock + max(0.0, v.timeout - self.seconds[i])
+            try:
+                root = bounder.bound(self.options, np.array([i]), self.root_first(1),
+                                     self.options.count[i][None] - 1, self.y[i:i + 1], deadline=deadline)
+            except Exception as error:  # noqa: BLE001 - only time and memory limits are answers
+                if not out_of_budget(error):
+                    raise
+                self.charge(clock, [i], "bounds_s")
+                self.details[i]["note"] = f"root bound stopped: {error}"
+                self.decide(i, "unknown", "timeout" if isinstance(error, BoundTimeout) else "memory")
+                continue
             self.charge(clock, [i], "bounds_s")
             if bool((root.margins[0] > 0).all()):
                 self.decide(i, "verified", "bounds")
@@ -305,6 +317,38 @@ class _BatchRun:
             self.conclude(i, branch_and_bound(bounder, self.network, self.options, i, int(self.y[i]), root,
                                               deadline, v.bab_batch, v.enumerate_limit))
             self.charge(clock, [i], "bab_s")
+
+    def quick_stage(self, bounder: HullBounder, pending: list[int]) -> None:
+        """The cheap pre-pass (IBP for all ReLU inputs but the last, CROWN after) in memory-planned batches.
+
+        Dropped for the rest of the network's life once it decides too few samples, or when it would take more
+        than QUICK_TIME_SHARE of its samples' time or does not fit the memory budget for a single sample.
+        """
+        v = self.verifier
+
+        def quick(members):
+            return bounder.bound(self.options, np.asarray(members), self.root_first(len(members)),
+                                 self.options.count[members] - 1, self.y[members], method=CROWN_LAST)
+
+        if not bounder.quick_useful():
+            return
+        clock = time.perf_counter()
+        for members, bounds in bounder.planner.chunks(
+                quick, pending, QUICK_BATCH,
+                deadline=lambda members: time.perf_counter() + QUICK_TIME_SHARE * v.timeout * len(members)):
+            self.charge(clock, members, "bounds_s")
+            clock = time.perf_counter()
+            if isinstance(bounds, BaseException):  # too slow or too big for one sample: not worth it here
+                bounder.quick_off = True
+                return
+            decided = (bounds.margins > 0).all(dim=1).tolist()
+            bounder.quick_tried += len(members)
+            bounder.quick_decided += sum(decided)
+            for i, ok in zip(members, decided):
+                if ok:
+                    self.decide(i, "verified", "bounds")
+            if not bounder.quick_useful():
+                return
 
 
 @VERIFIERS.register("abscert-sound")

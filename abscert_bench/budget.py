@@ -88,6 +88,7 @@ class MemoryWatch:
             self._base = torch.cuda.memory_allocated(self.device) / 2**20
         else:
             self._base = _rss_mb()
+            self._note(self._growth())
             self._thread = threading.Thread(target=self._sample, daemon=True)
             self._thread.start()
         return self

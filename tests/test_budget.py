@@ -1,0 +1,178 @@
+"""Time and memory limits of bound computations: the guard, the planner, and the verifiers' unknown answers."""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from abscert_bench import budget
+from abscert_bench.budget import BatchPlanner, BoundTimeout, Limits, MemoryWatch, OutOfMemoryBudget, guarded, limited
+from abscert_bench.lirpa_compat import lirpa
+from abscert_bench.trained import TrainedModel
+from abscert_bench.verify import create_verifier
+
+from test_sound import labelled_batch, tiny_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_memory_watch_sees_an_allocation():
+    with MemoryWatch("cpu", budget_mb=50) as watch:
+        block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+        time.sleep(0.05)
+        del block
+    assert watch.peak_mb > 40 and watch.exceeded
+    with MemoryWatch("cpu", budget_mb=1e6) as quiet:
+        pass
+    assert not quiet.exceeded
+
+
+def small_bounded():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
+    lib = lirpa()
+    bounded = lib.BoundedModule(net, torch.zeros(1, 4))
+    x = torch.zeros(2, 4)
+    inputs = (lib.BoundedTensor(x, lib.PerturbationLpNorm(norm=float("inf"), x_L=x - 0.1, x_U=x + 0.1)),)
+    return bounded, inputs
+
+
+def test_guard_stops_crown_past_the_deadline_and_the_budget():
+    bounded, inputs = small_bounded()
+    limits = guarded(bounded)
+    assert guarded(bounded) is limits  # one guard per module
+    lower, _ = bounded.compute_bounds(x=inputs, method="CROWN")  # no block open: no limit
+    with pytest.raises(BoundTimeout):
+        with limited(limits, deadline=time.perf_counter() - 1.0):
+            bounded.compute_bounds(x=inputs, method="CROWN")
+    with pytest.raises(OutOfMemoryBudget):
+        with limited(limits, budget_mb=1.0) as watch:
+            watch.exceeded = True
+            bounded.compute_bounds(x=inputs, method="CROWN")
+    assert limits.active == []
+    again, _ = bounded.compute_bounds(x=inputs, method="CROWN")  # a stopped call leaves the module usable
+    assert torch.equal(lower, again)
+
+
+def test_nested_blocks_keep_the_outer_deadline():
+    limits = Limits()
+    with limited(limits, deadline=time.perf_counter() - 1.0):
+        with limited(limits, deadline=None):
+            with pytest.raises(BoundTimeout):
+                limits.check()
+
+
+def test_planner_learns_batch_sizes_and_retries_smaller(monkeypatch):
+    planner = BatchPlanner(100.0, Limits())
+    assert planner.size(8) == 1  # nothing measured yet
+    planner.record(10.0, 1)
+    assert planner.size(64) == 8  # 100 / (10 · 1.25)
+    planner.record(5.0, 1)
+    assert planner.size(64) == 8  # the largest per-item figure wins
+    sizes = []
+
+    def fn(chunk):
+        sizes.append(len(chunk))
+        if len(chunk) > 2:
+            raise MemoryError("no room")
+        return [2 * v for v in chunk]
+
+    out = list(planner.chunks(fn, list(range(10)), 8))
+    assert sizes[:3] == [8, 4, 2] and max(sizes[3:]) <= 2  # halved until it fits, then kept there
+    assert [v for _, r in out for v in r] == [2 * v for v in range(10)]
+
+    def never(chunk):
+        raise MemoryError("never fits")
+
+    (chunk, result), *_ = list(BatchPlanner(100.0, Limits()).chunks(never, [7, 8], 4))
+    assert chunk == [7] and isinstance(result, MemoryError)
+
+    def other(chunk):
+        raise ValueError("a bug, not a limit")
+
+    with pytest.raises(ValueError):
+        list(planner.chunks(other, [1], 4))
+
+
+def test_abscert_sound_root_bound_past_the_timeout_is_unknown():
+    trained = tiny_model(2, "point", 0.2, kind="fc")
+    x = torch.full((2, 1, 3, 3), 0.5)  # every pixel a choice pixel
+    with torch.no_grad():
+        y = trained.classifier()(x).argmax(1)
+    verifier = create_verifier("abscert-sound", timeout=1e-9, enumerate_limit=0, attack=False, fast_first=False)
+    for result in verifier.verify(trained, x, y, 0.15):
+        assert result.status == "unknown" and result.details["stage"] == "timeout"
+        assert "root bound stopped" in result.details["note"]
+
+
+def test_abscert_sound_out_of_memory_is_unknown(monkeypatch):
+    trained = tiny_model(2, "point", 0.2, kind="fc")
+    x = torch.full((2, 1, 3, 3), 0.5)
+    with torch.no_grad():
+        y = trained.classifier()(x).argmax(1)
+    monkeypatch.setattr(MemoryWatch, "_growth", lambda self: 1e9)  # every bound looks too big
+    verifier = create_verifier("abscert-sound", enumerate_limit=0, attack=False, memory_mb=10)
+    for result in verifier.verify(trained, x, y, 0.15):
+        assert result.status == "unknown" and result.details["stage"] == "memory"
+
+
+def standard_model() -> TrainedModel:
+    torch.manual_seed(1)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(9, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3))
+    config = {"model": "tiny", "input_shape": [1, 3, 3], "num_classes": 3, "activation": "relu"}
+    return TrainedModel(net.eval(), config, None)
+
+
+@pytest.mark.parametrize("name", ["crown", "alpha-crown"])
+def test_bound_verifiers_batch_by_memory_and_fall_back(name, monkeypatch):
+    trained = standard_model()
+    x = torch.rand(6, 1, 3, 3, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        y = trained.network(x).argmax(1)
+    plain = [r.status for r in create_verifier(name).verify(trained, x, y, 0.01)]
+    assert plain.count("verified") >= 3
+    calls = []
+    original = budget.BatchPlanner.call
+
+    def spy(self, fn, items=1, deadline=None):
+        calls.append(items)
+        return original(self, fn, items, deadline)
+
+    monkeypatch.setattr(budget.BatchPlanner, "call", spy)
+    planned = [r.status for r in create_verifier(name, memory_mb=1e6).verify(trained, x, y, 0.01)]
+    assert planned == plain and calls[0] == 1 and max(calls) > 1  # one sample first, then planned batches
+    # every full bound runs out of memory: the IBP-intermediate cascade answers (sound, looser)
+    monkeypatch.setattr(budget.BatchPlanner, "call", original)
+
+    def too_big(self, *args, **kwargs):
+        raise OutOfMemoryBudget("simulated")
+
+    monkeypatch.setattr(type(create_verifier(name)), "margins", too_big)
+    cascade = create_verifier(name).verify(trained, x, y, 0.01)
+    assert any(r.status == "verified" for r in cascade)
+    for r, p in zip(cascade, plain):
+        if r.status == "verified":
+            assert p == "verified" and r.details["bound"] == "ibp-intermediate"  # looser never verifies more
+        else:
+            assert r.status in ("unknown", "falsified")
+
+
+def test_bound_verifier_time_limit_gives_unknown():
+    trained = standard_model()
+    x = torch.rand(4, 1, 3, 3, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        y = trained.network(x).argmax(1)
+    results = create_verifier("crown", time_limit=1e-9).verify(trained, x, y, 0.01)
+    assert all(r.status == "unknown" and r.details["stage"] == "timeout" for r in results)
+
+
+def test_sound_verifier_keeps_answers_with_budgets():
+    """The memory-planned pipeline answers exactly like a generous budget on a tiny network."""
+    trained = tiny_model(0, "point", 0.2, kind="conv")
+    x, y = labelled_batch(trained, 0.1, 0, n=6)
+    big = [r.status for r in create_verifier("abscert-sound", memory_mb=1e6).verify(trained, x, y, 0.1)]
+    small = [r.status for r in create_verifier("abscert-sound", memory_mb=64).verify(trained, x, y, 0.1)]
+    assert big == small and np.isin(big, ["verified", "falsified", "unknown"]).all()

@@ -25,6 +25,7 @@ import torch
 
 T = TypeVar("T")
 SAMPLE_EVERY_S = 0.005
+_CUDA_OPEN = [0]  # CUDA watches open now: only the outermost resets the allocator's peak
 HEADROOM = 1.25  # planned batch: estimate × HEADROOM must fit the budget
 
 
@@ -50,10 +51,15 @@ def out_of_budget(error: BaseException) -> bool:
     return isinstance(error, BoundTimeout) or is_out_of_memory(error)
 
 
-def _rss_mb() -> float:
-    import psutil
+_PROCESS: list = []
 
-    return psutil.Process().memory_info().rss / 2**20
+
+def _rss_mb() -> float:
+    if not _PROCESS:
+        import psutil
+
+        _PROCESS.append(psutil.Process())
+    return _PROCESS[0].memory_info().rss / 2**20
 
 
 class MemoryWatch:
@@ -77,6 +83,11 @@ class MemoryWatch:
         while not self._stop.wait(SAMPLE_EVERY_S):
             self._note(self._growth())
 
+    def poll(self) -> None:
+        """Read the memory now where that is cheap (a CUDA counter; on the CPU the sampler thread does it)."""
+        if self.device.type == "cuda":
+            self._note(self._growth())
+
     def _note(self, growth: float) -> None:
         self.peak_mb = max(self.peak_mb, growth)
         if self.budget_mb is not None and growth > self.budget_mb:
@@ -84,7 +95,9 @@ class MemoryWatch:
 
     def __enter__(self) -> "MemoryWatch":
         if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
+            if _CUDA_OPEN[0] == 0:  # an inner watch keeps the outer one's peak (it may overestimate: safe)
+                torch.cuda.reset_peak_memory_stats(self.device)
+            _CUDA_OPEN[0] += 1
             self._base = torch.cuda.memory_allocated(self.device) / 2**20
         else:
             self._base = _rss_mb()
@@ -98,6 +111,8 @@ class MemoryWatch:
         if self._thread is not None:
             self._thread.join()
         self._note(self._growth())
+        if self.device.type == "cuda":
+            _CUDA_OPEN[0] -= 1
 
 
 class Limits:
@@ -112,12 +127,14 @@ class Limits:
         for deadline, watch in self.active:
             if deadline is not None and now > deadline:
                 raise BoundTimeout("bound deadline passed")
+            watch.poll()
             if watch.exceeded:
                 raise OutOfMemoryBudget(f"bound memory passed {watch.budget_mb:.0f} MiB")
 
 
 def guarded(bounded) -> Limits:
-    """Make `bounded` (an auto_LiRPA BoundedModule) check a `Limits` before every backward pass and IBP pass.
+    """Make `bounded` (an auto_LiRPA BoundedModule) check a `Limits` before every backward, IBP and forward pass
+    and before every node's backward step (so a pass through a wide network stops within one layer).
 
     The wrappers are instance attributes, so only this module is affected. Returns its Limits (one per module).
     """
@@ -125,14 +142,16 @@ def guarded(bounded) -> Limits:
     if limits is not None:
         return limits
     limits = Limits()
-    for name in ("backward_general", "IBP_general", "forward_general"):
-        original = getattr(bounded, name)
+    targets = [(bounded, name) for name in ("backward_general", "IBP_general", "forward_general")]
+    targets += [(node, "bound_backward") for node in bounded._modules.values() if hasattr(node, "bound_backward")]
+    for owner, name in targets:
+        original = getattr(owner, name)
 
         def check_first(*args, _original=original, **kwargs):
             limits.check()
             return _original(*args, **kwargs)
 
-        object.__setattr__(bounded, name, check_first)
+        object.__setattr__(owner, name, check_first)
     object.__setattr__(bounded, "_abscert_limits", limits)
     return limits
 
@@ -185,9 +204,10 @@ class BatchPlanner:
     def call(self, fn: Callable[[], T], items: int = 1, deadline: float | None = None) -> T:
         """Run one bound call for `items` items under the limits and learn its memory."""
         with limited(self.limits, deadline, self.budget_mb, self.device) as watch:
-            result = fn()
-        self.record(watch.peak_mb, items)
-        return result
+            try:
+                return fn()
+            finally:  # a stopped call still teaches how much memory it had taken
+                self.record(watch.peak_mb, items)
 
     def chunks(self, fn: Callable[[Sequence[T]], object], items: Sequence[T], max_batch: int,
                deadline: Callable[[Sequence[T]], float | None] | None = None) -> Iterator[tuple[Sequence[T], object]]:

@@ -11,7 +11,8 @@ Configurations (issue 10's targets):
 Trains the model unless --checkpoint names an existing one (a fresh model is saved there when the path is
 given), then verifies the first --samples test images with the paper check and with abscert-sound and
 prints per-stage times, decision counts, the unknown fraction and the process's peak resident memory.
-`--json` appends one record (model, config, figures, machine) to a JSON list for results tables.
+`--json` appends one record (model, config, figures, machine) to a JSON list; `--report FILE.json` prints those
+records as a markdown table (results/sound-benchmark/).
 Targets (2 cores, 10 s timeout, all 2,004 test images): DM_Small median <= 30 ms, p95 <= 500 ms, unknown < 1 %;
 DM_Medium median <= 300 ms, unknown < 3 %; DM_Large median <= 1 s, unknown < 5 %, peak memory <= 8 GB.
 """
@@ -84,7 +85,25 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def report(path: str) -> str:
+    """A markdown table of the records in a --json file (one row per run, in the order they ran)."""
+    records = json.loads(Path(path).read_text())
+    head = ("| run | model | config | eps / d | images | median ms | p95 ms | unknown | verified | falsified | "
+            "paper-accepted, soundly falsified | peak MiB | wall s |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in records:
+        lines.append(
+            f"| {r['label']} | {r['model']} | {r['config']} | {r['eps']:g} / {r['d']:.4g} | {r['samples']} | "
+            f"{r['median_ms']:.0f} | {r['p95_ms']:.0f} | {r['unknown']} ({r['unknown_pct']:.1f} %) | {r['verified']} | "
+            f"{r['falsified']} | {r['paper_verified_sound_falsified']} | {r['peak_rss_mb']:.0f} | {r['wall_s']:.0f} |")
+    machine = sorted({f"{r['machine']}, {r['threads']} torch threads" for r in records})
+    return "\n".join(lines) + f"\n\nMachine: {'; '.join(machine)}; timeout {records[0]['timeout_s']:g} s per sample.\n"
+
+
 def main(argv=None) -> None:
+    if argv is None and len(sys.argv) == 3 and sys.argv[1] == "--report":
+        print(report(sys.argv[2]), end="")
+        return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="dm_small", help="dm_small, dm_medium, dm_large or cnn7")
     parser.add_argument("--config", default="pixel", choices=sorted(CONFIGS))

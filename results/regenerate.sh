@@ -29,6 +29,34 @@ for p in official; do   # the clean protocol: specs/mnist-official.toml
 done
 $B table $O --csv $O/table.csv > $O/table.md
 
+# abscert-sound at scale (issue 10): the sound benchmark on AbsCert DM_Small / DM_Medium / DM_Large, both
+# configurations, one process at a time on a quiet machine (models trained by the script, 5 epochs, and kept in
+# results/sound-benchmark/models/, not committed), then CROWN on a naturally trained DM_Large within the memory
+# budget. "before" rows were measured with the code of commit 702a8c2 (checked out elsewhere, same script).
+S=results/sound-benchmark
+mkdir -p $S/models
+rm -f $S/records.json $S/crown.json
+for run in "dm_small pixel 2004" "dm_medium pixel 50" "dm_large pixel 20" \
+           "dm_small official 2004" "dm_medium official 50" "dm_large official 10"; do
+  set -- $run
+  .venv/bin/python benchmarks/sound_benchmark.py --model $1 --config $2 --samples $3 \
+    --checkpoint $S/models/$1-$2.pt --json $S/records.json --label after
+done
+# the "before" rows: the same script over the code before this issue's changes (commit 702a8c2)
+here=$PWD
+git worktree add -f /tmp/abscert-before 702a8c2
+cp benchmarks/sound_benchmark.py /tmp/abscert-before/benchmarks/
+ln -sfn "$here/data" /tmp/abscert-before/data
+for run in "dm_small pixel 2004" "dm_medium pixel 50" "dm_large pixel 5"; do
+  set -- $run
+  (cd /tmp/abscert-before && "$here/.venv/bin/python" benchmarks/sound_benchmark.py --model $1 --config $2 \
+    --samples $3 --checkpoint "$here/$S/models/$1-$2.pt" --json "$here/$S/records.json" --label before)
+done
+git worktree remove --force /tmp/abscert-before
+.venv/bin/python benchmarks/crown_benchmark.py --model dm_large --samples 20 \
+  --checkpoint $S/models/dm_large-natural.pt --json $S/crown.json
+.venv/bin/python benchmarks/sound_benchmark.py --report $S/records.json > $S/table.md
+
 # Training speed ratios (one interleaved run; quiet machine).
 $B bench --dataset mnist --epochs 5 > results/speed_benchmark.md
 

@@ -165,8 +165,8 @@ def main(argv=None) -> None:
     if args.counterexamples:
         written = save_counterexamples(args.counterexamples, results, x, eps)
         if args.checkpoint and Path(args.checkpoint).exists():
-            report = recheck_file(args.checkpoint, args.counterexamples)
-            print(f"  counterexamples: {written} written, {sum(r['ok'] for r in report)} re-checked ok")
+            rechecked = recheck_file(args.checkpoint, args.counterexamples)
+            print(f"  counterexamples: {written} written, {sum(r['ok'] for r in rechecked)} re-checked ok")
         else:
             print(f"  counterexamples: {written} written to {args.counterexamples}")
     if args.json:

@@ -47,7 +47,7 @@ here=$PWD
 git worktree add -f /tmp/abscert-before 702a8c2
 cp benchmarks/sound_benchmark.py /tmp/abscert-before/benchmarks/
 ln -sfn "$here/data" /tmp/abscert-before/data
-for run in "dm_small pixel 2004" "dm_medium pixel 50" "dm_large pixel 5"; do
+for run in "dm_small pixel 2004" "dm_medium pixel 50" "dm_large pixel 5" "dm_small official 2004"; do
   set -- $run
   (cd /tmp/abscert-before && "$here/.venv/bin/python" benchmarks/sound_benchmark.py --model $1 --config $2 \
     --samples $3 --checkpoint "$here/$S/models/$1-$2.pt" --json "$here/$S/records.json" --label before)

@@ -183,13 +183,11 @@ def test_pre_pass_is_kept_only_while_it_pays():
 
     bounder = HullBounder(tiny_model(0, "point", 0.2, kind="fc"))
     assert bounder.quick_useful()  # nothing measured
-    bounder.quick_tried, bounder.quick_decided, bounder.quick_seconds = 16, 2, 16 * 0.005
-    assert not bounder.quick_useful()  # no full bound timed yet, decides an eighth: dropped
-    bounder.quick_decided = 8
-    assert bounder.quick_useful()  # decides half
-    bounder.full_count, bounder.full_seconds = 10, 10 * 0.004
-    assert not bounder.quick_useful()  # saves 0.5 × 4 ms = 2 ms per sample, costs 5 ms
-    bounder.full_seconds = 10 * 0.02
-    assert bounder.quick_useful()  # saves 10 ms per sample, costs 5 ms
+    bounder.quick_tried, bounder.quick_decided = 15, 0
+    assert bounder.quick_useful()  # not judged before 16 samples
+    bounder.quick_tried = 16
+    assert not bounder.quick_useful()  # decides none of 16: dropped
+    bounder.quick_tried, bounder.quick_decided = 100, 5
+    assert bounder.quick_useful()  # decides 5 %
     bounder.quick_off = True
     assert not bounder.quick_useful()

@@ -45,7 +45,7 @@ from .choices import PixelOptions
 #: wide layers; this pass skips them and still decides most easy samples (MNIST DM_Small: ~2x faster).
 CROWN_LAST = "crown-last"
 DEFAULT_MEMORY_MB = 4096.0  # memory budget of one bound call (MiB), see `abscert_bench.budget`
-QUICK_MIN_TRIED = 16  # samples the cheap pre-pass is tried on before its pay-off is judged
+QUICK_MIN_TRIED, QUICK_MIN_SHARE = 16, 0.05  # the cheap pre-pass is dropped once it decides < 5 % of 16+ samples
 
 
 class GapHullNetwork(nn.Module):
@@ -181,24 +181,20 @@ class HullBounder:
                                              device=self.device)
         # every bound call runs under a deadline and a memory budget; batch sizes follow the measured memory
         self.planner = BatchPlanner(memory_mb, guarded(self.bounded), self.device)
-        self.quick_tried = self.quick_decided = self.full_count = 0
-        self.quick_seconds = self.full_seconds = 0.0
+        self.quick_tried = self.quick_decided = 0
         self.quick_off = False
         self.relu_inputs = [node.inputs[0].name for node in self.bounded._modules.values()
                             if type(node).__name__ == "BoundRelu"]
 
     def quick_useful(self) -> bool:
-        """Whether the cheap pre-pass still pays on this network: the full bound time it saves per sample
-        (the share it decides × the mean full bound time) exceeds what it costs per sample, as measured so far
-        (until a full bound has been timed: while it decides at least a fifth of the samples)."""
+        """Whether the cheap pre-pass still pays on this network: it decides at least QUICK_MIN_SHARE of the
+        samples it was tried on (judged after QUICK_MIN_TRIED). Measured: where it decides a third or more
+        (AbsCert DM_Small) it shortens the median even at an even mean pay-off, since the samples it decides skip
+        the full bound (official DM_Small: median 24 ms with it, 49 ms without, same wall time); where it decides
+        none (AbsCert DM_Medium, DM_Large: IBP intermediate bounds far too loose) it only costs."""
         if self.quick_off:
             return False
-        if self.quick_tried < QUICK_MIN_TRIED:
-            return True
-        if self.full_count == 0:  # no full bound timed yet: keep it while it decides a fifth of the samples
-            return self.quick_decided >= 0.2 * self.quick_tried
-        saved = self.quick_decided / self.quick_tried * self.full_seconds / self.full_count
-        return saved > self.quick_seconds / self.quick_tried
+        return self.quick_tried < QUICK_MIN_TRIED or self.quick_decided >= QUICK_MIN_SHARE * self.quick_tried
 
     def _ibp_intermediate(self, inputs) -> dict:
         """IBP bounds of every ReLU layer's input except the last one (for CROWN_LAST)."""

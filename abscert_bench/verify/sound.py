@@ -308,8 +308,6 @@ class _BatchRun:
                 self.decide(i, "unknown", "timeout" if isinstance(error, BoundTimeout) else "memory")
                 continue
             self.charge(clock, [i], "bounds_s")
-            bounder.full_count += 1
-            bounder.full_seconds += time.perf_counter() - clock
             if bool((root.margins[0] > 0).all()):
                 self.decide(i, "verified", "bounds")
                 continue
@@ -323,8 +321,8 @@ class _BatchRun:
     def quick_stage(self, bounder: HullBounder, pending: list[int]) -> None:
         """The cheap pre-pass (IBP for all ReLU inputs but the last, CROWN after) in memory-planned batches.
 
-        Dropped for the rest of the network's life once the full bound time it saves no longer pays for it
-        (`HullBounder.quick_useful`), or when it would take more than QUICK_TIME_SHARE of its samples' time or
+        Dropped for the rest of the network's life once it decides too few samples (`HullBounder.quick_useful`),
+        or when it would take more than QUICK_TIME_SHARE of its samples' time or
         does not fit the memory budget for a single sample.
         """
         v = self.verifier
@@ -339,7 +337,6 @@ class _BatchRun:
         for members, bounds in bounder.planner.chunks(
                 quick, pending, QUICK_BATCH,
                 deadline=lambda members: time.perf_counter() + QUICK_TIME_SHARE * v.timeout * len(members)):
-            bounder.quick_seconds += time.perf_counter() - clock
             self.charge(clock, members, "bounds_s")
             clock = time.perf_counter()
             if isinstance(bounds, BaseException):  # too slow or too big for one sample: not worth it here

@@ -144,7 +144,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     summaries = verify_run(
         Path(args.run), verifiers=names, eps=args.eps, limit=args.limit, cascade=args.cascade,
         batch_size=args.batch_size, device=args.device, force=args.force, data_root=args.data_root,
-        progress_factory=_progress, timeout=args.timeout,
+        progress_factory=_progress, timeout=args.timeout, memory_mb=args.memory_mb,
     )
     for s in summaries:
         print(f"{s['verifier']:>14}: verified {s['verified']}/{s['samples']}  falsified {s['falsified']}  "
@@ -272,6 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="verify only the first N test samples")
     p.add_argument("--timeout", type=float, default=None,
                    help="per-sample time limit (s) for verifiers that take one (abscert-sound; default 10)")
+    p.add_argument("--memory-mb", type=float, default=None,
+                   help="memory budget of one bound call (MiB) for abscert-sound, crown, alpha-crown, ibp "
+                        "(default 4096): batch sizes are planned from it, a sample that does not fit is unknown")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="cpu")
     p.add_argument("--data-root", default=None)

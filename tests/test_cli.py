@@ -142,3 +142,18 @@ def test_sound_stage_report(tmp_path, capsys):
     code, out, _ = run_cli(capsys, "recheck", str(run),
                            str(run / "verify" / "eps=0.1,first=12" / "abscert-sound.counterexamples.npz"))
     assert code == 0 and "counterexamples re-check" in out
+
+
+def test_verify_memory_budget(tmp_path, capsys, monkeypatch):
+    """--memory-mb reaches the bound verifiers; a budget no bound fits gives unknown, never a crash or a cap."""
+    from abscert_bench import budget
+
+    run = tmp_path / "run"
+    assert run_cli(capsys, "train", "--method", "natural", "--model", "fc3", "--epochs", "1", "--out", str(run))[0] == 0
+    code, _, err = run_cli(capsys, "verify", str(run), "--verifiers", "crown", "--limit", "5", "--memory-mb", "0")
+    assert_one_line_error(code, err, "memory budget must be > 0")
+    monkeypatch.setattr(budget.MemoryWatch, "_growth", lambda self: 1e9)  # every bound looks too big
+    code, out, _ = run_cli(capsys, "verify", str(run), "--verifiers", "crown", "--limit", "5", "--memory-mb", "64")
+    assert code == 0
+    summary = json.loads(next(run.glob("verify/*/crown.json")).read_text())
+    assert summary["verified"] == 0 and summary["unknown"] + summary["falsified"] == 5

@@ -56,9 +56,11 @@ def verify_run(
     run_dir: Path, verifiers: list[str] | None = None, eps: float | None = None, limit: int | None = None,
     cascade: bool = False, batch_size: int = 64, device: str = "cpu", force: bool = False,
     data_root: str | None = None, progress_factory: Callable[[str, int], Any] | None = None,
-    timeout: float | None = None, skip_inapplicable: bool = False,
+    timeout: float | None = None, skip_inapplicable: bool = False, memory_mb: float | None = None,
 ) -> list[dict[str, Any]]:
-    """Run each verifier (or their cascade) on the run's test split and write the results; return summaries."""
+    """Run each verifier (or their cascade) on the run's test split and write the results; return summaries.
+
+    `timeout` (s per sample) and `memory_mb` (budget of one bound call) go to every verifier that takes them."""
     config = read_json(run_dir / "config.json")
     trained = load_checkpoint(run_dir / "checkpoint.pt", device)
     dataset = load_dataset(config["dataset"], data_root)
@@ -67,8 +69,11 @@ def verify_run(
     names = applicable_verifiers(trained, verifiers) if skip_inapplicable or not verifiers else verifiers
     if timeout is not None and not timeout > 0:
         raise UserError(f"per-sample timeout must be > 0 seconds, got {timeout}")
+    if memory_mb is not None and not memory_mb > 0:
+        raise UserError(f"memory budget must be > 0 MiB, got {memory_mb}")
+    limits = {"timeout": timeout, "memory_mb": memory_mb}
     built: list[Verifier] = [
-        create_verifier(n, **({"timeout": timeout} if timeout is not None and verifier_takes(n, "timeout") else {}))
+        create_verifier(n, **{k: v for k, v in limits.items() if v is not None and verifier_takes(n, k)})
         for n in names
     ]
     for v in built:

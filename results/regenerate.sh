@@ -18,6 +18,10 @@ for suite in mnist; do
   $B slim results/$suite --max-mb 3
 done
 
+# abscert-sound on AbsCert DM_Medium / DM_Large under the stage caps (it used to be `stopped` there).
+$B run specs/mnist-scale.toml --workers 1 --out results/mnist-scale $F || true
+$B slim results/mnist-scale --max-mb 3
+
 # AbsCert at the paper's own eps 0.1 (pixel 0.05): the official protocol (test-set selection) and the clean one
 # (validation selection), DM_Small; the paper check on all 2,004 test images, abscert-sound on the first 500.
 # (specs/mnist-official.toml is the same with FC3 too, as a harness store.)

@@ -27,6 +27,7 @@ T = TypeVar("T")
 SAMPLE_EVERY_S = 0.005
 _CUDA_OPEN = [0]  # CUDA watches open now: only the outermost resets the allocator's peak
 HEADROOM = 1.25  # planned batch: estimate × HEADROOM must fit the budget
+DEFAULT_MEMORY_MB = 4096.0  # memory budget of one bound call (MiB), for every verifier that takes one
 
 
 class BoundTimeout(Exception):
@@ -34,7 +35,7 @@ class BoundTimeout(Exception):
 
 
 class OutOfMemoryBudget(Exception):
-    """A bound computation (of a single sample, when raised by `BatchPlanner.map`) does not fit the budget."""
+    """A bound computation passed its memory budget."""
 
 
 def is_out_of_memory(error: BaseException) -> bool:
@@ -52,6 +53,21 @@ def out_of_budget(error: BaseException) -> bool:
 
 
 _PROCESS: list = []
+
+
+def budget_stage(error: BaseException) -> str:
+    """The `unknown` stage name for a time or memory limit: 'timeout' or 'memory'."""
+    return "timeout" if isinstance(error, BoundTimeout) else "memory"
+
+
+def within_budget(fn: Callable[[], T]) -> "T | BaseException":
+    """fn()'s result, or the exception when it ran out of time or memory (any other error propagates)."""
+    try:
+        return fn()
+    except Exception as error:  # noqa: BLE001 - only time and memory limits are answers
+        if not out_of_budget(error):
+            raise
+        return error
 
 
 def _rss_mb() -> float:
@@ -220,14 +236,10 @@ class BatchPlanner:
         position = 0
         while position < len(items):
             chunk = items[position:position + self.size(max_batch)]
-            try:
-                result: object = self.call(lambda: fn(chunk), len(chunk), deadline(chunk) if deadline else None)
-            except Exception as error:  # noqa: BLE001 - only time and memory limits are answers
-                if not out_of_budget(error):
-                    raise
-                if is_out_of_memory(error) and len(chunk) > 1:
-                    self.shrink(len(chunk))
-                    continue
-                result = error
+            result = within_budget(lambda: self.call(lambda: fn(chunk), len(chunk),
+                                                     deadline(chunk) if deadline else None))
+            if isinstance(result, BaseException) and is_out_of_memory(result) and len(chunk) > 1:
+                self.shrink(len(chunk))
+                continue
             position += len(chunk)
             yield chunk, result

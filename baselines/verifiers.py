@@ -6,15 +6,15 @@ import time
 import torch
 
 from abscert_bench.abstraction import ball
-from abscert_bench.budget import BatchPlanner, BoundTimeout, guarded, out_of_budget
+from abscert_bench.budget import DEFAULT_MEMORY_MB, BatchPlanner, BoundTimeout, guarded, within_budget
 from abscert_bench.devices import module_device
+from abscert_bench.errors import UserError
 from abscert_bench.verify.base import VERIFIERS, Verifier, clean_check
 from abscert_bench.verify.pgd import pgd_attack
 
 from .bounds import bounded_module, margin_lower_bounds, set_batchnorm_training
 
 
-DEFAULT_MEMORY_MB = 4096.0  # memory budget of one bound call (MiB): batch sizes are planned from it
 
 
 class BoundVerifier(Verifier):
@@ -31,8 +31,6 @@ class BoundVerifier(Verifier):
     bound_opts: dict | None = None  # auto_LiRPA BoundedModule options
 
     def __init__(self, name: str, time_limit: float | None = None, memory_mb: float = DEFAULT_MEMORY_MB) -> None:
-        from abscert_bench.errors import UserError
-
         if time_limit is not None and not float(time_limit) > 0:
             raise UserError(f"{name}: time_limit must be > 0 seconds, got {time_limit}")
         if not float(memory_mb) > 0:
@@ -113,13 +111,9 @@ class BoundVerifier(Verifier):
         if self.name == "ibp":
             return None
         index = torch.as_tensor(list(rows), device=lower.device)
-        try:
-            return planner.call(lambda: margin_lower_bounds(bounded, lower[index], upper[index], y[index],
-                                                            num_classes, "crown-ibp").detach(), len(rows))
-        except Exception as error:  # noqa: BLE001
-            if not out_of_budget(error):
-                raise
-            return None
+        margins = within_budget(lambda: planner.call(lambda: margin_lower_bounds(
+            bounded, lower[index], upper[index], y[index], num_classes, "crown-ibp").detach(), len(rows)))
+        return None if isinstance(margins, BaseException) else margins
 
 
 ALPHA_BATCH = 4  # samples per alpha-CROWN optimisation (64 needed ~31 GB on MNIST DM_Small)

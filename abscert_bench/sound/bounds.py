@@ -35,7 +35,7 @@ from torch import nn
 
 from baselines.bounds import LIRPA_METHODS, margin_matrix
 
-from ..budget import BatchPlanner, guarded
+from ..budget import DEFAULT_MEMORY_MB, BatchPlanner, guarded
 from ..devices import module_device
 from ..lirpa_compat import lirpa
 from .choices import PixelOptions
@@ -44,7 +44,6 @@ from .choices import PixelOptions
 #: and for the margins. On a conv net almost all of CROWN's cost is the intermediate bounds of the early,
 #: wide layers; this pass skips them and still decides most easy samples (MNIST DM_Small: ~2x faster).
 CROWN_LAST = "crown-last"
-DEFAULT_MEMORY_MB = 4096.0  # memory budget of one bound call (MiB), see `abscert_bench.budget`
 QUICK_MIN_TRIED, QUICK_MIN_SHARE = 16, 0.05  # the cheap pre-pass is dropped once it decides < 5 % of 16+ samples
 
 

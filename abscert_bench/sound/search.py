@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..budget import BoundTimeout, out_of_budget
+from ..budget import budget_stage, within_budget
 from .attack import abstract_batch
 from .bounds import DomainBounds, HullBounder
 from .choices import PixelOptions
@@ -116,14 +116,11 @@ def branch_and_bound(
     its parent's), so a child costs one backward pass for the margins instead of a full CROWN run; every
     `refresh_every` splits a domain's ReLU-input bounds are recomputed, tightened by the parent's.
     """
-    try:
-        return _branch_and_bound(bounder, network, options, sample, label, root, deadline, batch, enumerate_limit,
-                                 refresh_every)
-    except Exception as error:  # noqa: BLE001 - only time and memory limits are answers
-        if not out_of_budget(error):
-            raise
-        return SearchOutcome("unknown", stage="timeout" if isinstance(error, BoundTimeout) else "memory",
-                             notes={"stopped": str(error)})
+    outcome = within_budget(lambda: _branch_and_bound(bounder, network, options, sample, label, root, deadline,
+                                                      batch, enumerate_limit, refresh_every))
+    if isinstance(outcome, BaseException):
+        return SearchOutcome("unknown", stage=budget_stage(outcome), notes={"stopped": str(outcome)})
+    return outcome
 
 
 def _branch_and_bound(bounder, network, options, sample, label, root, deadline, batch, enumerate_limit,

@@ -33,11 +33,11 @@ import numpy as np
 import torch
 
 from ..abstraction import check_eps, check_granularity
-from ..budget import BoundTimeout, out_of_budget
+from ..budget import DEFAULT_MEMORY_MB, budget_stage, within_budget
 from ..devices import OnDevice
 from ..errors import UserError
 from ..sound.attack import discrete_attack
-from ..sound.bounds import CROWN_LAST, DEFAULT_MEMORY_MB, LIRPA_METHODS, HullBounder
+from ..sound.bounds import CROWN_LAST, LIRPA_METHODS, HullBounder
 from ..sound.choices import reachable_options
 from ..sound.recheck import recheck_counterexample
 from ..sound.search import SearchOutcome, branch_and_bound, enumerate_domain
@@ -101,7 +101,7 @@ class SoundVerifier(Verifier):
         self.bab_batch = int(bab_batch)
         self.fast_first = bool(fast_first)
         self.seed = int(seed)
-        self._bounders: dict[int, tuple[torch.nn.Module, str, HullBounder]] = {}
+        self._engine: tuple[torch.nn.Module, str, HullBounder] | None = None  # (network, digest, engine)
 
     def applies_to(self, trained) -> bool:
         return trained.abstraction is not None
@@ -153,12 +153,9 @@ class SoundVerifier(Verifier):
         """
         network = trained.network
         digest = network_digest(network)
-        entry = self._bounders.get(id(network))
-        if entry is None or entry[0] is not network or entry[1] != digest:
-            self._bounders.clear()  # one network at a time: a stale engine is never kept around
-            entry = (network, digest, HullBounder(trained, self.bound_method, self.memory_mb))
-            self._bounders[id(network)] = entry
-        return entry[2]
+        if self._engine is None or self._engine[0] is not network or self._engine[1] != digest:
+            self._engine = (network, digest, HullBounder(trained, self.bound_method, self.memory_mb))
+        return self._engine[2]
 
     # -- the pipeline ----------------------------------------------------------------------------------
 
@@ -297,17 +294,14 @@ class _BatchRun:
         for i in pending:
             clock = time.perf_counter()
             deadline = clock + max(0.0, v.timeout - self.seconds[i])
-            try:
-                root = bounder.bound(self.options, np.array([i]), self.root_first(1),
-                                     self.options.count[i][None] - 1, self.y[i:i + 1], deadline=deadline)
-            except Exception as error:  # noqa: BLE001 - only time and memory limits are answers
-                if not out_of_budget(error):
-                    raise
-                self.charge(clock, [i], "bounds_s")
-                self.details[i]["note"] = f"root bound stopped: {error}"
-                self.decide(i, "unknown", "timeout" if isinstance(error, BoundTimeout) else "memory")
-                continue
+            root = within_budget(lambda: bounder.bound(self.options, np.array([i]), self.root_first(1),
+                                                       self.options.count[i][None] - 1, self.y[i:i + 1],
+                                                       deadline=deadline))
             self.charge(clock, [i], "bounds_s")
+            if isinstance(root, BaseException):
+                self.details[i]["note"] = f"root bound stopped: {root}"
+                self.decide(i, "unknown", budget_stage(root))
+                continue
             if bool((root.margins[0] > 0).all()):
                 self.decide(i, "verified", "bounds")
                 continue

@@ -565,7 +565,7 @@ def test_plot_functions_on_fake_rows(tmp_path):
 @pytest.mark.parametrize("name", ["resnet18", "vgg11"])
 def test_scalability_models_build_and_ibp_wraps(name):
     from abscert_bench.models import MODELS, count_parameters, create_model
-    from baselines.bounds import bounded_module, margin_lower_bounds
+    from abscert_bench.lirpa import bounded_module, margin_lower_bounds
 
     assert name in MODELS
     torch.manual_seed(0)

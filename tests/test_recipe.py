@@ -15,9 +15,9 @@ from abscert_bench.training.config import TrainConfig
 from abscert_bench.training.loop import train_model
 from abscert_bench.training.recipes import SHI2021_MNIST
 from abscert_bench.training.schedule import Schedule
-from baselines.bounds import (FusedLoss, bounded_module, margin_lower_bounds, margin_matrix, relu_input_nodes,
-                              worst_case_logits)
-from baselines.training import ibp_init, regularizer_terms
+from abscert_bench.lirpa import bounded_module, margin_lower_bounds, margin_matrix, relu_input_nodes
+from abscert_bench_baselines.bounds import FusedLoss, worst_case_logits
+from abscert_bench_baselines.training import ibp_init, regularizer_terms
 
 ROOT = Path(__file__).resolve().parents[1]
 

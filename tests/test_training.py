@@ -57,7 +57,7 @@ def test_abscert_output_depends_only_on_cells(runs):
 
 def test_bound_methods_improve_worst_case_loss(digits):
     """After IBP training at eps, the IBP robust loss is lower than for the same net trained naturally."""
-    from baselines.bounds import bounded_module, margin_lower_bounds
+    from abscert_bench.lirpa import bounded_module, margin_lower_bounds
 
     x, y = digits.train_x[:512], digits.train_y[:512]
     margins = {}

@@ -440,7 +440,7 @@ def test_runback_agrees_with_run_directory_standard(benches, vnn_runs, digits):
 def test_runback_agrees_with_run_directory_abscert(benches, vnn_runs, digits, name):
     """unsat ⇔ the run's own hull CROWN bound (abscert-sound's first stage) proves the image; every sat
     is a real counterexample of the run's deployed classifier within the clipped ball."""
-    from baselines.bounds import bounded_module, margin_lower_bounds
+    from abscert_bench.lirpa import bounded_module, margin_lower_bounds
 
     folder, meta, rows = benches[name]
     trained = load_checkpoint(vnn_runs[name])

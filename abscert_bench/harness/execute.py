@@ -50,10 +50,9 @@ def warm_process() -> None:
     import torch
 
     from ..lirpa_compat import lirpa
-    from ..verify.base import all_verifier_names
+    from .. import verify  # noqa: F401  every built-in verifier module (and the plugins)
 
     lirpa()
-    all_verifier_names()  # imports baselines and the sound verifier
     weight = torch.zeros(1, requires_grad=True)
     torch.optim.Adam([weight]).step()
 

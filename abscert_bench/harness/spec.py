@@ -181,8 +181,6 @@ def parse_spec(data: dict[str, Any], source: str = "<spec>", text: str = "", def
     methods_table = check.table(data.get("methods"), "methods", None)
     if not methods_table:
         raise check.fail("methods", "no training methods (add e.g. [methods.abscert] and [methods.ibp])")
-    import baselines  # noqa: F401  registers ibp / crown-ibp
-
     entries = []
     for label, entry in methods_table.items():
         key = f"methods.{label}"

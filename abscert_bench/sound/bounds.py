@@ -33,10 +33,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from baselines.bounds import LIRPA_METHODS, margin_matrix
-
 from ..budget import DEFAULT_MEMORY_MB, BatchPlanner, guarded
 from ..devices import module_device
+from ..lirpa import LIRPA_METHODS, bounded_input, margin_matrix
 from ..lirpa_compat import lirpa
 from .choices import PixelOptions
 
@@ -225,9 +224,9 @@ class HullBounder:
         return self.planner.call(lambda: self._bound(options, samples, first, last, labels, method, fixed, reference),
                                  len(samples), deadline)
 
-    def _bound(self, options, samples, first, last, labels, method, fixed, reference) -> DomainBounds:
-        lib = lirpa()
-        method = method or self.method
+    def box(self, options: PixelOptions, samples: np.ndarray, first: np.ndarray, last: np.ndarray):
+        """The bounded module's input box (x_lo, x_hi: n × 2C × H × W, on the engine's device) of n domains, and
+        per domain and channel group the float64 widths of the box (for the branching score)."""
         n = len(samples)
         c, h, w = self.image_shape
         lower_s, upper_s = options.lower[samples], options.upper[samples]
@@ -241,9 +240,22 @@ class HullBounder:
             boxes.append((lo, hi))
         x_lo = torch.from_numpy(np.concatenate([boxes[0][0], boxes[1][0]], axis=1)).view(n, 2 * c, h, w)
         x_hi = torch.from_numpy(np.concatenate([boxes[0][1], boxes[1][1]], axis=1)).view(n, 2 * c, h, w)
-        x_lo, x_hi = x_lo.to(self.device), x_hi.to(self.device)
-        ptb = lib.PerturbationLpNorm(norm=float("inf"), x_L=x_lo, x_U=x_hi)
-        inputs = (lib.BoundedTensor((x_lo + x_hi) / 2, ptb),)
+        widths = [(hi.astype(np.float64) - lo.astype(np.float64)) for lo, hi in boxes]
+        return x_lo.to(self.device), x_hi.to(self.device), widths
+
+    def root_box(self, options: PixelOptions) -> tuple[torch.Tensor, torch.Tensor]:
+        """The input box of every sample's whole eps-ball (all options of every pixel): the exact hull's box."""
+        n, pixels = options.count.shape
+        samples = np.arange(n)
+        first = np.zeros((n, pixels), dtype=np.int64)
+        x_lo, x_hi, _ = self.box(options, samples, first, options.count - 1)
+        return x_lo, x_hi
+
+    def _bound(self, options, samples, first, last, labels, method, fixed, reference) -> DomainBounds:
+        method = method or self.method
+        n = len(samples)
+        x_lo, x_hi, widths = self.box(options, samples, first, last)
+        inputs = (bounded_input(x_lo, x_hi),)
         spec = margin_matrix(labels.to(self.device), self.num_classes)
         need_a = method != "ibp"
         kwargs: dict = {}
@@ -272,7 +284,6 @@ class HullBounder:
                     intermediate = None
                     break
                 intermediate[name] = (node.lower.detach(), node.upper.detach())
-        widths = [(hi.astype(np.float64) - lo.astype(np.float64)) for lo, hi in boxes]
         if not need_a:
             return DomainBounds(margins, widths[0] + widths[1], None, None, None)
         a_matrix = out[2][self.bounded.output_name[0]][self.bounded.input_name[0]]["lA"].detach().cpu()

@@ -192,14 +192,10 @@ def accepted_options(name: str, candidates: dict[str, Any]) -> dict[str, Any]:
     """The subset of `candidates` that method `name`'s builder takes (so callers never branch on names)."""
     import inspect
 
-    import baselines  # noqa: F401
-
     parameters = inspect.signature(METHODS.get(name)).parameters
     return {k: v for k, v in candidates.items() if k in parameters and k != "eps"}
 
 
 def create_method(name: str, eps: float, **options: Any) -> TrainingMethod:
     """Build a training method by registry name; `eps` is passed to methods that need it."""
-    import baselines  # noqa: F401  registers the auto_LiRPA-backed methods
-
     return METHODS.get(name)(eps=eps, **options)

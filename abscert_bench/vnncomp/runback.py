@@ -184,8 +184,7 @@ class Bounder:
     def rows_infeasible(self, model: torch.nn.Module, prop: VnnlibProperty, lower: torch.Tensor,
                         upper: torch.Tensor) -> bool:
         """True when every disjunct has a row whose lower bound exceeds its b (the property is unsat)."""
-        from baselines.bounds import LIRPA_METHODS, bounded_module
-        from ..lirpa_compat import lirpa
+        from ..lirpa import LIRPA_METHODS, bounded_input, bounded_module
 
         a, b, owner = prop.rows()
         if not len(b):
@@ -193,11 +192,8 @@ class Bounder:
         key = id(model)
         if key not in self._bounded:  # the model is kept alive with its BoundedModule, so ids stay unique
             self._bounded[key] = (model, bounded_module(model, lower))
-        lib = lirpa()
-        bounded_input = lib.BoundedTensor((lower + upper) / 2, lib.PerturbationLpNorm(
-            norm=float("inf"), x_L=lower, x_U=upper))
         c = torch.as_tensor(a, dtype=torch.float32)[None]
-        lb, _ = self._bounded[key][1].compute_bounds(x=(bounded_input,), C=c, method=LIRPA_METHODS[self.method],
+        lb, _ = self._bounded[key][1].compute_bounds(x=(bounded_input(lower, upper),), C=c, method=LIRPA_METHODS[self.method],
                                                   bound_upper=False)
         exceeds = (lb.detach().reshape(-1).to(torch.float64) > torch.as_tensor(b)).tolist()
         return all(any(exceeds[i] for i, o in enumerate(owner) if o == d) for d in range(len(prop.disjuncts)))

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
+from ..margins import margin_rows
 
 Disjunct = tuple[np.ndarray, np.ndarray]  # (A: m×K, b: m): satisfied when A·y <= b
 MAX_DISJUNCTS = 10_000
@@ -31,13 +32,7 @@ def format_number(value: float) -> str:
 
 def robustness_violation(label: int, num_outputs: int) -> list[Disjunct]:
     """'Some class j != label reaches the logit of label': one disjunct Y_label - Y_j <= 0 per j."""
-    disjuncts = []
-    for j in range(num_outputs):
-        if j != label:
-            row = np.zeros((1, num_outputs))
-            row[0, label], row[0, j] = 1.0, -1.0
-            disjuncts.append((row, np.zeros(1)))
-    return disjuncts
+    return [(row[None], np.zeros(1)) for row in margin_rows(label, num_outputs)]
 
 
 @dataclass

@@ -12,7 +12,7 @@ from abscert_bench.errors import UserError
 from abscert_bench.verify.base import VERIFIERS, Verifier, clean_check
 from abscert_bench.verify.pgd import pgd_attack
 
-from .bounds import bounded_module, margin_lower_bounds, set_batchnorm_training
+from abscert_bench.lirpa import bounded_module, margin_lower_bounds, set_batchnorm_training
 
 
 

@@ -123,6 +123,24 @@ class Abstraction:
             return phi(x, self.d)
         return region_phi(x, self.d, self.eps)
 
+    def cells(self, x: torch.Tensor) -> torch.Tensor:
+        """Index of the cell each pixel of x falls in (the cell rule `cell_index`; int64, same shape as x)."""
+        return cell_index(x, self.d)
+
+    def preimage(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The inverse cell view of point abstract inputs z (N×2C×H×W): per pixel the cell [lower, upper] of raw
+        values that phi maps to z, i.e. phi(x) == z exactly for the x with lower <= x < upper (<= 1 in the last,
+        closed cell; `cell_index` decides values on an edge). The region variant's inverse is not a cell."""
+        if self.variant != "point":
+            raise UserError("preimage is defined for the point abstraction (the region form depends on eps)")
+        channels = z.shape[1] // 2
+        return z[:, :channels], z[:, channels:]
+
+    def reachable(self, x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per pixel, the first and last cell that any x' of the [0,1]-clipped eps-ball around x can fall in.
+        (The exact reachable abstract inputs, float32 rounding included, are `sound.reachable_options`.)"""
+        return reachable_cells(x, self.d, check_eps(eps))
+
     def to_dict(self) -> dict:
         """JSON-able description."""
         return {"variant": self.variant, "d": self.d, "eps": self.eps}

@@ -138,7 +138,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from .verify.run import verify_run
+    from .verification.run import verify_run
 
     names = [v for v in args.verifiers.split(",") if v] if args.verifiers else None
     summaries = verify_run(

@@ -9,7 +9,7 @@ from .data import load_dataset
 from .rundir import create_run_dir, write_csv
 from .table import collect, to_csv_rows, to_markdown
 from .training.loop import TrainConfig, run_training
-from .verify.run import verify_run
+from .verification.run import verify_run
 
 
 def run_name(config: TrainConfig) -> str:

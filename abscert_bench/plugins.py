@@ -8,12 +8,12 @@ callable (imported, then called with no arguments) that registers its additions 
     my-verifier = "my_package.abscert_plugin"
 
     # my_package/abscert_plugin.py
-    from abscert_bench.verify import VERIFIERS, Verifier
+    from abscert_bench.verification import VERIFIERS, Verifier
 
     @VERIFIERS.register("my-verifier")
     def my_verifier(**options): ...
 
-Plugins are loaded once per process, when `abscert_bench.verify` or `abscert_bench.training` is first imported
+Plugins are loaded once per process, when `abscert_bench.verification` or `abscert_bench.training` is first imported
 (right after the built-ins), so the CLI, the harness and its worker processes all see them. A plugin that fails
 to import is reported with a warning and skipped; the rest of the tool keeps working.
 """

@@ -30,7 +30,7 @@ from abscert_bench.data import load_dataset  # noqa: E402
 from abscert_bench.trained import load_checkpoint, save_checkpoint  # noqa: E402
 from abscert_bench.training import create_method  # noqa: E402
 from abscert_bench.training.loop import TrainConfig, train_model  # noqa: E402
-from abscert_bench.verify import create_verifier, summarize  # noqa: E402
+from abscert_bench.verification import create_verifier, summarize  # noqa: E402
 
 
 def main(argv=None) -> None:

@@ -40,7 +40,7 @@ from abscert_bench.sound.recheck import recheck_file, save_counterexamples  # no
 from abscert_bench.trained import load_checkpoint, save_checkpoint  # noqa: E402
 from abscert_bench.training import create_method  # noqa: E402
 from abscert_bench.training.loop import TrainConfig, evaluate, protocol_config, train_model, xavier_init  # noqa: E402
-from abscert_bench.verify import create_verifier, summarize  # noqa: E402
+from abscert_bench.verification import create_verifier, summarize  # noqa: E402
 
 CONFIGS = {  # name: (pixel eps, d, method options)
     "pixel": (0.1, 0.2, {}),

@@ -12,7 +12,7 @@ from abscert_bench import budget
 from abscert_bench.budget import BatchPlanner, BoundTimeout, Limits, MemoryWatch, OutOfMemoryBudget, guarded, limited
 from abscert_bench.lirpa_compat import lirpa
 from abscert_bench.trained import TrainedModel
-from abscert_bench.verify import create_verifier
+from abscert_bench.verification import create_verifier
 
 from test_sound import labelled_batch, tiny_model
 

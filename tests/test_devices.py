@@ -7,7 +7,7 @@ from abscert_bench.sound.bounds import HullBounder
 from abscert_bench.training import create_method
 from abscert_bench.training.config import TrainConfig
 from abscert_bench.training.loop import train_model
-from abscert_bench.verify import create_verifier
+from abscert_bench.verification import create_verifier
 
 
 def test_module_device_and_on_device_wrapper_keep_gradients():

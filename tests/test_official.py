@@ -30,7 +30,7 @@ from abscert_bench.trained import TrainedModel, load_checkpoint
 from abscert_bench.training import create_method
 from abscert_bench.training.loop import TrainConfig, evaluate, protocol_config, run_training
 from abscert_bench.training.methods import augment_official
-from abscert_bench.verify import create_verifier
+from abscert_bench.verification import create_verifier
 
 LEVELS = np.arange(256)
 

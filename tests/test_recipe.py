@@ -290,7 +290,7 @@ def skewed_bn_net():
 @pytest.mark.parametrize("verifier", ["ibp", "crown", "alpha-crown"])
 def test_bound_verifiers_bound_the_eval_mode_network(skewed_bn_net, verifier):
     from abscert_bench.trained import TrainedModel
-    from abscert_bench.verify import create_verifier
+    from abscert_bench.verification import create_verifier
 
     net = skewed_bn_net.train()  # the verifier must switch to eval mode itself
     trained = TrainedModel(net, {"model": "dm_small_bn", "input_shape": [1, 8, 8], "num_classes": 10,
@@ -341,7 +341,7 @@ def test_abscert_sound_on_a_bn_network(digits, model):
 
     from abscert_bench.sound.bounds import HullBounder
     from abscert_bench.sound.choices import reachable_options
-    from abscert_bench.verify import create_verifier
+    from abscert_bench.verification import create_verifier
 
     config = TrainConfig("digits", model, "abscert", 0.05, epochs=1, method_options={"d": 0.2})
     trained, _ = train_model(config, create_method("abscert", 0.05, d=0.2), digits.train_x[:512],

@@ -14,8 +14,8 @@ from abscert_bench.sound.bounds import HullBounder, fold_gap_form
 from abscert_bench.sound.choices import reachable_options
 from abscert_bench.sound.recheck import recheck_counterexample, recheck_file, save_counterexamples
 from abscert_bench.trained import TrainedModel, build_network, save_checkpoint
-from abscert_bench.verify import create_verifier
-from abscert_bench.verify.base import SampleResult
+from abscert_bench.verification import create_verifier
+from abscert_bench.verification.base import SampleResult
 
 SHAPE = (1, 3, 3)
 CLASSES = 3

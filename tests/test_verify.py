@@ -7,8 +7,8 @@ import torch
 
 from abscert_bench.errors import UserError
 from abscert_bench.trained import load_checkpoint
-from abscert_bench.verify import create_verifier, run_cascade
-from abscert_bench.verify.run import applicable_verifiers, verify_run
+from abscert_bench.verification import create_verifier, run_cascade
+from abscert_bench.verification.run import applicable_verifiers, verify_run
 
 EPS = 0.1
 

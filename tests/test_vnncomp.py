@@ -421,7 +421,7 @@ def test_loader_rejects_unsupported_and_malformed(tmp_path):
 
 
 def _reference_standard(run_dir, digits, indices):
-    from abscert_bench.verify import create_verifier, run_cascade
+    from abscert_bench.verification import create_verifier, run_cascade
 
     trained = load_checkpoint(run_dir)
     stages = [create_verifier("crown"), create_verifier("pgd")]
@@ -469,7 +469,7 @@ def test_runback_agrees_with_run_directory_abscert(benches, vnn_runs, digits, na
 
 
 def test_runback_with_sound_verifier_when_registered(benches, vnn_runs, digits, tmp_path):
-    from abscert_bench.verify import create_verifier
+    from abscert_bench.verification import create_verifier
 
     try:
         sound = create_verifier("abscert-sound")
@@ -568,8 +568,8 @@ def test_runback_missing_folder(tmp_path):
 def test_deployed_runback_maps_to_the_sound_verifier(benches, tmp_path, monkeypatch, answer):
     """With benchmark.json naming the abstraction, deployed instances go to `abscert-sound` on (N loaded
     from onnx/network.onnx, abstraction, image, eps); its counterexamples are re-checked on the ONNX."""
-    import abscert_bench.verify as verify_pkg
-    from abscert_bench.verify.base import SampleResult
+    import abscert_bench.verification as verify_pkg
+    from abscert_bench.verification.base import SampleResult
 
     folder, meta, baseline = benches["point"]
     seen = []

@@ -56,7 +56,7 @@ def estimate_cell_cost(params: dict[str, Any], train_images: int = 2000) -> floa
     """Relative cost of a cell (train + every verifier); only the order between cells is meaningful."""
     from types import SimpleNamespace
 
-    from ..verify.base import create_verifier
+    from ..verification.base import create_verifier
     from .spec import VERIFIER_LIMIT, cell_method
 
     abstraction = cell_method(params).abstraction()

@@ -50,7 +50,7 @@ def warm_process() -> None:
     import torch
 
     from ..lirpa_compat import lirpa
-    from .. import verify  # noqa: F401  every built-in verifier module (and the plugins)
+    from .. import verification  # noqa: F401  every built-in verifier module (and the plugins)
 
     lirpa()
     weight = torch.zeros(1, requires_grad=True)
@@ -240,9 +240,9 @@ def verify_stages(params: dict[str, Any], run_dir: Path, dataset, result: dict[s
     import inspect
 
     from ..trained import load_checkpoint
-    from ..verify.base import VERIFIERS, create_verifier
-    from ..verify.cascade import run_cascade
-    from ..verify.run import results_dir, write_results
+    from ..verification.base import VERIFIERS, create_verifier
+    from ..verification.cascade import run_cascade
+    from ..verification.run import results_dir, write_results
 
     verify, limits = params["verify"], params["limits"]
     device = params["train"]["device"]

@@ -143,7 +143,7 @@ def parse_spec(data: dict[str, Any], source: str = "<spec>", text: str = "", def
     from ..data import DATASETS
     from ..models import ACTIVATIONS, MODELS
     from ..training.methods import METHODS
-    from ..verify.base import VERIFIERS, all_verifier_names
+    from ..verification.base import VERIFIERS, all_verifier_names
 
     check = _Checker(source)
     check.table(data, "", TOP_KEYS)

@@ -38,6 +38,42 @@ def evaluate(classifier: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size
     return correct / max(1, len(x))
 
 
+def training_schedule(config: TrainConfig, steps_per_epoch: int) -> Schedule:
+    """The eps / kappa schedule of `config` over its epochs of `steps_per_epoch` optimiser steps."""
+    return Schedule(
+        eps=config.eps, total_steps=config.epochs * steps_per_epoch,
+        warmup_steps=config.warmup_epochs * steps_per_epoch, ramp_steps=config.ramp_epochs * steps_per_epoch,
+        kappa_end=config.kappa_end,
+    )
+
+
+def train_step(
+    method: TrainingMethod, network: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+    schedule: Schedule, clock: int, grad_norm: float = 0.0, inputs: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimiser step of `method` on raw images x (or on already-mapped network `inputs`, for methods with a
+    static input); returns the detached (loss, clean logits). Shared by `train_model` and `abscert_bench.api.train`."""
+    if inputs is not None:
+        loss, logits = method.loss_from_input(network, inputs, y)
+    else:
+        loss, logits = method.loss(network, x, y, schedule, clock)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_norm > 0:
+        nn.utils.clip_grad_norm_(network.parameters(), grad_norm)
+    optimizer.step()
+    return loss.detach(), logits.detach()
+
+
+def model_config_of(model: str, input_shape: list[int], num_classes: int, method: TrainingMethod,
+                    activation: str = "relu") -> dict[str, Any]:
+    """The model config a checkpoint stores (the network input has 2C channels when `method` has an abstraction)."""
+    abstraction = method.abstraction()
+    return {"model": model, "input_shape": list(input_shape), "num_classes": int(num_classes),
+            "activation": activation, "abstraction": abstraction.to_dict() if abstraction else None,
+            **method.model_options()}
+
+
 def train_model(
     config: TrainConfig, method: TrainingMethod, train_x: torch.Tensor, train_y: torch.Tensor,
     test_x: torch.Tensor, test_y: torch.Tensor, num_classes: int,
@@ -54,27 +90,18 @@ def train_model(
     config.validate()
     device = resolve_device(config.device)
     torch.manual_seed(config.seed)
-    abstraction = method.abstraction()
-    model_config = {
-        "model": config.model, "input_shape": list(train_x.shape[1:]), "num_classes": num_classes,
-        "activation": config.activation, "abstraction": abstraction.to_dict() if abstraction else None,
-        **method.model_options(),
-    }
+    model_config = model_config_of(config.model, list(train_x.shape[1:]), num_classes, method, config.activation)
     network = build_network(model_config).to(device)
     if init is not None:
         init(network)
-    trained = TrainedModel(network, model_config, abstraction)
+    trained = TrainedModel(network, model_config, method.abstraction())
     train_x, train_y = train_x.to(device), train_y.to(device)
     test_x, test_y = test_x.to(device), test_y.to(device)
     # a method whose network input depends on the image alone (AbsCert point) is mapped once, not every step
     train_inputs = method.network_input(train_x) if method.static_input else None
     steps_per_epoch = math.ceil(len(train_x) / config.batch_size)
     total_steps = config.epochs * steps_per_epoch
-    schedule = Schedule(
-        eps=config.eps, total_steps=total_steps,
-        warmup_steps=config.warmup_epochs * steps_per_epoch, ramp_steps=config.ramp_epochs * steps_per_epoch,
-        kappa_end=config.kappa_end,
-    )
+    schedule = training_schedule(config, steps_per_epoch)
     method.prepare(network, method.network_input(train_x[:1]))
     optimizer = torch.optim.Adam(network.parameters(), lr=config.lr)
     generator = torch.Generator().manual_seed(config.seed)
@@ -101,19 +128,12 @@ def train_model(
                 group["lr"] = config.lr * config.lr_factor(clock / steps_per_epoch)
             idx = order[batch_start:batch_start + config.batch_size]
             y = train_y[idx]
-            if train_inputs is not None:
-                loss, logits = method.loss_from_input(network, train_inputs[idx], y)
-            else:
-                loss, logits = method.loss(network, train_x[idx], y, schedule, clock)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if config.grad_norm > 0:
-                nn.utils.clip_grad_norm_(network.parameters(), config.grad_norm)
-            optimizer.step()
+            loss, logits = train_step(method, network, optimizer, train_x[idx], y, schedule, clock, config.grad_norm,
+                                      None if train_inputs is None else train_inputs[idx])
             step += 1
             seen += len(idx)
-            total_loss += float(loss.detach()) * len(idx)
-            correct += int((logits.detach().argmax(1) == y).sum())
+            total_loss += float(loss) * len(idx)
+            correct += int((logits.argmax(1) == y).sum())
         if device.type == "cuda":
             torch.cuda.synchronize()
         train_time = time.perf_counter() - start

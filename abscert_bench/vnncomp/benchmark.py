@@ -118,7 +118,7 @@ def _write_readme(folder: Path, meta: dict[str, Any]) -> None:
 Source run: `{meta['source_run']}` (dataset `{meta['dataset']}`, model `{meta['model_config']['model']}`,
 method `{meta['method']}`{', abstraction ' + str(meta['abstraction']) if meta['abstraction'] else ''}).
 Perturbation: L∞ radius eps = {meta['eps']:g} around each image, clipped to [0, 1].
-Images: {meta['samples']} test images chosen by seed {meta['seed']} (indices in `{METADATA}`).
+Images: {meta['samples']} test images{' chosen by seed ' + str(meta['seed']) if meta['seed'] is not None else ''} (indices in `{METADATA}`).
 Timeout per instance: {meta['timeout']:g} s.
 
 Regenerate this folder with:
@@ -176,7 +176,7 @@ def export_benchmark(run_dir: Path, out: Path, samples: int, seed: int, timeout:
                      force: bool = False, data_root: str | Path | None = None) -> dict[str, Any]:
     """Export a run directory as a checked VNN-COMP folder at `out`; returns the folder's metadata."""
     run_dir, out = Path(run_dir), Path(out)
-    timeout = check_timeout(timeout)
+    check_timeout(timeout)
     _prepare_target(out, force)
     config = read_json(run_dir / "config.json")
     trained = load_checkpoint(run_dir)
@@ -184,13 +184,33 @@ def export_benchmark(run_dir: Path, out: Path, samples: int, seed: int, timeout:
     check_input_shape(trained, dataset.input_shape, dataset.name)
     eps = check_eps(config["eps"])
     indices = pick_images(len(dataset.test_x), samples, seed)
+    return write_benchmark(
+        trained, dataset.test_x[indices], dataset.test_y[indices], indices, out, eps, timeout, vnnlib2, force,
+        {"dataset": config["dataset"], "method": config.get("method"), "source_run": str(run_dir), "seed": seed,
+         "samples": samples, "command": regeneration_command(run_dir, out, samples, seed, timeout, vnnlib2,
+                                                              data_root)})
+
+
+def write_benchmark(trained: TrainedModel, images: torch.Tensor, labels: torch.Tensor, indices: list[int], out: Path,
+                    eps: float, timeout: float, vnnlib2: bool = False, force: bool = False,
+                    source: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Export a model and images (raw [0,1], N×C×H×W) as a checked VNN-COMP folder at `out`, without a run directory.
+
+    `source` describes where it came from for README.md / benchmark.json (keys dataset, method, source_run,
+    seed, samples, command). Every check runs before the folder is moved into place; returns the metadata.
+    """
+    out = Path(out)
+    timeout = check_timeout(timeout)
+    eps = check_eps(eps)
+    _prepare_target(out, force)
+    source = {"dataset": "user data", "method": None, "source_run": "the Python API (abscert_bench.export_vnncomp)",
+              "seed": None, "samples": len(images), "command": "(exported from Python; rerun the script that called "
+              "abscert_bench.export_vnncomp)", **(source or {})}
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        meta = _export_into(tmp, trained, config, dataset.test_x[indices], dataset.test_y[indices], indices,
-                            eps, timeout, vnnlib2)
-        meta.update({"source_run": str(run_dir), "seed": seed, "samples": samples, "folder": str(out),
-                     "command": regeneration_command(run_dir, out, samples, seed, timeout, vnnlib2, data_root)})
+        meta = _export_into(tmp, trained, source, images, labels, list(indices), eps, timeout, vnnlib2)
+        meta.update({**{k: source[k] for k in ("source_run", "seed", "samples", "command")}, "folder": str(out)})
         write_json(tmp / METADATA, meta)
         _write_readme(tmp, meta)
         _prepare_target(out, force)

@@ -372,7 +372,7 @@ class RunBack:
         """abscert-sound on (N from network.onnx, abstraction, image, eps); None when it cannot be used."""
         if not self.use_sound_verifier or not self._center(info) or "label" not in info:
             return None
-        from ..verify import create_verifier
+        from ..verification import create_verifier
 
         if self._sound is None:
             try:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from ..abstraction import check_eps
 from ..data import load_dataset
@@ -72,23 +72,51 @@ def verify_run(
     if memory_mb is not None and not memory_mb > 0:
         raise UserError(f"memory budget must be > 0 MiB, got {memory_mb}")
     limits = {"timeout": timeout, "memory_mb": memory_mb}
-    built: list[Verifier] = [
-        create_verifier(n, **{k: v for k, v in limits.items() if v is not None and verifier_takes(n, k)})
-        for n in names
-    ]
-    for v in built:
-        if not v.applies_to(trained):
-            raise UserError(f"verifier {v.name} does not apply to this {config['method']} model ({v.meaning})")
+    options = {n: {k: v for k, v in limits.items() if v is not None and verifier_takes(n, k)} for n in names}
     n = len(dataset.test_x) if limit is None else min(limit, len(dataset.test_x))
     x, y = dataset.test_x[:n].to(device), dataset.test_y[:n].to(device)
     out_dir = results_dir(run_dir, eps, None if n == len(dataset.test_x) else n)
-    jobs = [("cascade:" + "+".join(names), built)] if cascade else [(v.name, [v]) for v in built]
-    for name, _ in jobs:
+
+    def refuse_existing(name: str) -> None:
         if (out_dir / f"{name}.json").exists() and not force:
             raise UserError(f"results {out_dir / (name + '.json')} exist; pass --force to overwrite")
+
     summaries = []
+    for name, stages, results in run_verifiers(trained, x, y, eps, names, options, cascade, batch_size,
+                                               progress_factory, before=refuse_existing,
+                                               what=f"this {config['method']} model"):
+        meaning = " > ".join(s.meaning for s in stages) if len(stages) > 1 else stages[0].meaning
+        sound = all(s.sound for s in stages)
+        attack_only = all(s.attack_only for s in stages)
+        summaries.append(write_results(out_dir, name, meaning, sound, attack_only, eps, results, x.cpu()))
+    return summaries
+
+
+def run_verifiers(
+    trained: TrainedModel, x: Any, y: Any, eps: float, names: list[str], options: dict[str, dict[str, Any]],
+    cascade: bool = False, batch_size: int = 64, progress_factory: Callable[[str, int], Any] | None = None,
+    before: Callable[[str], None] | None = None, what: str = "this model",
+) -> Iterator[tuple[str, list[Verifier], list[SampleResult]]]:
+    """Build the verifiers `names` (with their `options`) and run each, or their cascade, on (x, y) at eps.
+
+    Yields (name, verifiers, per-sample results) one job at a time (the CLI writes each as it finishes). Every
+    verifier is built and checked against the model before the first runs; `before(name)` is called for every
+    job first too (the CLI refuses existing results there). Shared by `verify_run` and `abscert_bench.api.verify`.
+    """
+    built: list[Verifier] = [create_verifier(n, **options.get(n, {})) for n in names]
+    for v in built:
+        if not v.applies_to(trained):
+            raise UserError(f"verifier {v.name} does not apply to {what} ({v.meaning})")
+    jobs = [("cascade:" + "+".join(names), built)] if cascade else [(v.name, [v]) for v in built]
+    if before is not None:
+        for name, _ in jobs:
+            before(name)
+    return _run_jobs(jobs, trained, x, y, eps, batch_size, progress_factory)
+
+
+def _run_jobs(jobs, trained, x, y, eps, batch_size, progress_factory):
     for name, stages in jobs:
-        bar = progress_factory(name, n) if progress_factory else None
+        bar = progress_factory(name, len(x)) if progress_factory else None
         update = bar.update if bar is not None else None
         if len(stages) == 1:
             results = stages[0].verify(trained, x, y, eps, batch_size=batch_size, progress=update)
@@ -96,9 +124,5 @@ def verify_run(
             results = run_cascade(stages, trained, x, y, eps, batch_size=batch_size, progress=update)
         if bar is not None:
             bar.close()
-        meaning = " > ".join(s.meaning for s in stages) if len(stages) > 1 else stages[0].meaning
-        sound = all(s.sound for s in stages)
-        attack_only = all(s.attack_only for s in stages)
-        summaries.append(write_results(out_dir, name, meaning, sound, attack_only, eps, results, x.cpu()))
-    return summaries
+        yield name, stages, results
 

@@ -115,6 +115,7 @@ def train(
         raise UserError(f"expected an nn.Module, got {type(module).__name__}")
     if method not in METHODS:
         METHODS.get(method)  # the UserError listing the valid names
+    run = {"seed": settings.pop("seed")} if "seed" in settings else {}
     known = {k: v for k, v in settings.items() if k in TRAIN_FIELD_DEFAULTS}
     method_options = {k: v for k, v in settings.items() if k not in TRAIN_FIELD_DEFAULTS}
     for unsupported in ("budget_s", "device", "batch_size"):
@@ -122,7 +123,7 @@ def train(
             raise UserError(f"train(): {unsupported} is not a setting here (the loader sets the batches; pass "
                             f"device= for the device; training budgets belong to the CLI and the harness)")
     config = config_from_settings(known, dataset="loader", model=type(module).__name__, method=method,
-                                  eps=float(eps), method_options=method_options)
+                                  eps=float(eps), method_options=method_options, **run)
     config.validate()
     training = create_method(method, config.eps, **method_options)
     target = torch.device(device) if device is not None else module_device(module)

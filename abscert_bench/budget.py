@@ -18,8 +18,9 @@ from __future__ import annotations
 import math
 import threading
 import time
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Callable, Iterator, Sequence, TypeVar
+from typing import TypeVar
 
 import torch
 
@@ -60,7 +61,7 @@ def budget_stage(error: BaseException) -> str:
     return "timeout" if isinstance(error, BoundTimeout) else "memory"
 
 
-def within_budget(fn: Callable[[], T]) -> "T | BaseException":
+def within_budget(fn: Callable[[], T]) -> T | BaseException:
     """fn()'s result, or the exception when it ran out of time or memory (any other error propagates)."""
     try:
         return fn()
@@ -109,7 +110,7 @@ class MemoryWatch:
         if self.budget_mb is not None and growth > self.budget_mb:
             self.exceeded = True
 
-    def __enter__(self) -> "MemoryWatch":
+    def __enter__(self) -> MemoryWatch:
         if self.device.type == "cuda":
             if _CUDA_OPEN[0] == 0:  # an inner watch keeps the outer one's peak (it may overestimate: safe)
                 torch.cuda.reset_peak_memory_stats(self.device)

@@ -34,8 +34,14 @@ from abscert_bench.errors import UserError
 from abscert_bench.training.methods import METHODS, TrainingMethod
 from abscert_bench.training.schedule import Schedule
 
-from .bounds import (FusedLoss, bounded_module, margin_lower_bounds, relu_input_nodes, set_batchnorm_training,
-                     worst_case_logits)
+from .bounds import (
+    FusedLoss,
+    bounded_module,
+    margin_lower_bounds,
+    relu_input_nodes,
+    set_batchnorm_training,
+    worst_case_logits,
+)
 
 INITS = ("ibp", "default")
 LOSS_MIXES = ("robust", "kappa")

@@ -15,8 +15,6 @@ from abscert_bench.verify.pgd import pgd_attack
 from .bounds import bounded_module, margin_lower_bounds, set_batchnorm_training
 
 
-
-
 class BoundVerifier(Verifier):
     """Sound but incomplete: `verified` when every margin lower bound is positive.
 

@@ -15,8 +15,13 @@ from abscert_bench.training.config import TrainConfig
 from abscert_bench.training.loop import train_model
 from abscert_bench.training.recipes import SHI2021_MNIST
 from abscert_bench.training.schedule import Schedule
-from baselines.bounds import (FusedLoss, bounded_module, margin_lower_bounds, margin_matrix, relu_input_nodes,
-                              worst_case_logits)
+from baselines.bounds import (
+    FusedLoss,
+    bounded_module,
+    margin_lower_bounds,
+    margin_matrix,
+    worst_case_logits,
+)
 from baselines.training import ibp_init, regularizer_terms
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -251,6 +256,7 @@ def test_recipe_is_a_valid_config_and_matches_the_readme():
     block = re.search(r"```toml\n( *# Shi et al\. 2021.*?)```", readme, re.S)
     assert block, "README lacks the Shi et al. 2021 spec snippet"
     import textwrap
+
     import tomllib
 
     snippet = tomllib.loads(textwrap.dedent(block.group(1)))

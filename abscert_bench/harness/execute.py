@@ -13,10 +13,11 @@ import platform
 import socket
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from ..errors import UserError
 from .spec import VERIFIER_LIMIT, cell_method, training_key

@@ -1,7 +1,7 @@
 """The model registry and the pieces every architecture shares (activation, normalisation)."""
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn

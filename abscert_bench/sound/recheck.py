@@ -10,8 +10,9 @@ counterexamples, `label` (n,) int64 true labels, `eps` (n,) float64 radii.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch

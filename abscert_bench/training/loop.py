@@ -3,17 +3,25 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..data import Dataset
 from ..errors import UserError
-from ..official import (SELECTION, VALIDATION_FRACTION, check_protocol, given_recipe, official_candidates, paper_eps,
-                        recipe_for)
+from ..official import (
+    SELECTION,
+    VALIDATION_FRACTION,
+    check_protocol,
+    given_recipe,
+    official_candidates,
+    paper_eps,
+    recipe_for,
+)
 from ..rundir import write_csv, write_json
 from ..trained import TrainedModel, build_network, save_checkpoint
 from .config import TrainConfig, _as_list

@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -100,6 +101,7 @@ VERIFIERS: Registry[Callable[..., Verifier]] = Registry("verifier")
 def create_verifier(name: str, **options: Any) -> Verifier:
     """Build a verifier by registry name (baselines and the sound AbsCert verifier included)."""
     import baselines  # noqa: F401  registers auto_LiRPA verifiers
+
     from . import sound  # noqa: F401
 
     return VERIFIERS.get(name)(**options)
@@ -116,6 +118,7 @@ def verifier_takes(name: str, option: str) -> bool:
 def all_verifier_names() -> list[str]:
     """Every registered verifier name."""
     import baselines  # noqa: F401
+
     from . import sound  # noqa: F401
 
     return VERIFIERS.names()

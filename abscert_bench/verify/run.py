@@ -1,8 +1,9 @@
 """Verify a run directory's model on its dataset's test split; results go under RUN/verify/eps=<eps>/."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from ..abstraction import check_eps
 from ..data import load_dataset

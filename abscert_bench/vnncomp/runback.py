@@ -18,9 +18,10 @@ the instance's timeout is reported as `timeout`, as VNN-COMP does.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -185,6 +186,7 @@ class Bounder:
                         upper: torch.Tensor) -> bool:
         """True when every disjunct has a row whose lower bound exceeds its b (the property is unsat)."""
         from baselines.bounds import LIRPA_METHODS, bounded_module
+
         from ..lirpa_compat import lirpa
 
         a, b, owner = prop.rows()
@@ -344,7 +346,7 @@ class RunBack:
         hull_shape = hull_lo.shape
 
         def relaxed(z):
-            return hull((hull_lo + self._pixel_to_input(z).reshape(hull_shape) * (hull_hi - hull_lo)))
+            return hull(hull_lo + self._pixel_to_input(z).reshape(hull_shape) * (hull_hi - hull_lo))
 
         def concrete(z):
             return lo + z.reshape(shape) * (hi - lo)

@@ -237,8 +237,9 @@ class BatchPlanner:
         position = 0
         while position < len(items):
             chunk = items[position:position + self.size(max_batch)]
-            result = within_budget(lambda: self.call(lambda: fn(chunk), len(chunk),
-                                                     deadline(chunk) if deadline else None))
+            # both lambdas run at once, inside this iteration (within_budget and call invoke them before returning)
+            result = within_budget(lambda: self.call(lambda: fn(chunk), len(chunk),  # noqa: B023
+                                                     deadline(chunk) if deadline else None))  # noqa: B023
             if isinstance(result, BaseException) and is_out_of_memory(result) and len(chunk) > 1:
                 self.shrink(len(chunk))
                 continue

@@ -273,7 +273,7 @@ def test_cnn7_shapes(shape, features):
     assert [(c.out_channels, c.stride[0], c.kernel_size[0], c.padding[0]) for c in convs] == [
         (64, 1, 3, 1), (64, 1, 3, 1), (128, 2, 3, 1), (128, 1, 3, 1), (128, 1, 3, 1)]
     linears = [m for m in net if isinstance(m, nn.Linear)]
-    assert [(l.in_features, l.out_features) for l in linears] == [(features, 512), (512, 10)]
+    assert [(lin.in_features, lin.out_features) for lin in linears] == [(features, 512), (512, 10)]
     kinds = [type(m) for m in net]
     assert kinds.count(nn.BatchNorm2d) == 5 and kinds.count(nn.BatchNorm1d) == 1
     assert all(kinds[i + 1] in (nn.BatchNorm2d, nn.BatchNorm1d) for i, k in enumerate(kinds)

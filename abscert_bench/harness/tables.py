@@ -219,8 +219,8 @@ def to_markdown(rows: list[dict[str, Any]]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     for row in rows:
         n = samples_of(row)
-        cells = [row["dataset"], row["model"], format_eps(row["eps"], row.get("protocol")), mark_label(row["label"], row),
-                 str(row["seeds"]), _clean(row), str(n) if n else "–"]
+        cells = [row["dataset"], row["model"], format_eps(row["eps"], row.get("protocol")),
+                 mark_label(row["label"], row), str(row["seeds"]), _clean(row), str(n) if n else "–"]
         cells += _main_cells(row, meanings, lambda err, ms: f"{err} ({ms})")
         cells += [_gap(row), _num(row["train_s_per_epoch"])]
         lines.append("| " + " | ".join(cells) + " |")

@@ -231,7 +231,7 @@ def official_search(
             xavier_init(network)
             held["network"] = network
 
-        def hook(row: dict[str, Any], method=method, held=held) -> None:
+        def hook(row: dict[str, Any], method=method, held=held, candidate=candidate) -> None:
             if protocol == "clean":  # the loop's eval split is validation here: report test accuracy beside it
                 row["val_acc"] = row["test_acc"]
                 row["test_acc"] = evaluate(TrainedModel(held["network"], {}, method.abstraction()).classifier(),

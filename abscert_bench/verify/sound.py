@@ -295,9 +295,10 @@ class _BatchRun:
         for i in pending:
             clock = time.perf_counter()
             deadline = clock + max(0.0, v.timeout - self.seconds[i])
-            root = within_budget(lambda: bounder.bound(self.options, np.array([i]), self.root_first(1),
-                                                       self.options.count[i][None] - 1, self.y[i:i + 1],
-                                                       deadline=deadline))
+            # within_budget calls the lambda at once, inside this iteration
+            root = within_budget(lambda: bounder.bound(self.options, np.array([i]), self.root_first(1),  # noqa: B023
+                                                       self.options.count[i][None] - 1, self.y[i:i + 1],  # noqa: B023
+                                                       deadline=deadline))  # noqa: B023
             self.charge(clock, [i], "bounds_s")
             if isinstance(root, BaseException):
                 self.details[i]["note"] = f"root bound stopped: {root}"

@@ -113,6 +113,11 @@ def _edge_images(input_shape: tuple[int, ...], abstraction: Abstraction) -> torc
 def _write_readme(folder: Path, meta: dict[str, Any]) -> None:
     encodings = "\n".join(f"- `{name}`: {ENCODING_TEXT[name]}." for name in meta["encodings"])
     checks = meta["checks"]
+    network_file = (" `onnx/network.onnx`: the AbsCert network N alone (2C channels), used by the run-back to map"
+                    " deployed instances to the sound AbsCert check; not referenced by instances.csv."
+                    if meta['abstraction'] else '')
+    level_checks = (", and on images covering all 256 8-bit levels and floats next to every cell edge (deployed)"
+                    if meta['abstraction'] else '')
     text = f"""# VNN-COMP benchmark exported by abscert-bench
 
 Source run: `{meta['source_run']}` (dataset `{meta['dataset']}`, model `{meta['model_config']['model']}`,
@@ -139,13 +144,13 @@ robustness of the image; `sat` comes with a counterexample.
 - `onnx/`: ONNX opset 13, batch dimension 1; input flattened row-major into X_0 ... X_n.
 - `vnnlib/`: VNN-LIB 1.0 properties.{' `vnnlib2/`: the same properties in VNN-LIB 2.0.' if meta['vnnlib2'] else ''}
 - `{METADATA}`: metadata (source run, abstraction, image index and label per instance, checks).
-- `{IMAGES}`: the exported images.{' `onnx/network.onnx`: the AbsCert network N alone (2C channels), used by the run-back to map deployed instances to the sound AbsCert check; not referenced by instances.csv.' if meta['abstraction'] else ''}
+- `{IMAGES}`: the exported images.{network_file}
 
 ## Checks done at export
 
 - `onnx.checker` (full check) on every ONNX file;
 - onnxruntime (and our own ONNX loader) equal torch within 1e-5 (+1e-5·|y|) on every exported image, both
-  corners and {RANDOM_POINTS} random points of every box{', and on images covering all 256 8-bit levels and floats next to every cell edge (deployed)' if meta['abstraction'] else ''};
+  corners and {RANDOM_POINTS} random points of every box{level_checks};
 - every VNN-LIB 1.0 file read back by our reader gives exactly the intended box and output condition;
 - VNN-LIB 2.0: {checks['vnnlib2']}.
 

@@ -25,6 +25,7 @@ from typing import TypeVar
 import torch
 
 T = TypeVar("T")
+R = TypeVar("R")
 SAMPLE_EVERY_S = 0.005
 _CUDA_OPEN = [0]  # CUDA watches open now: only the outermost resets the allocator's peak
 HEADROOM = 1.25  # planned batch: estimate × HEADROOM must fit the budget
@@ -226,8 +227,9 @@ class BatchPlanner:
             finally:  # a stopped call still teaches how much memory it had taken
                 self.record(watch.peak_mb, items)
 
-    def chunks(self, fn: Callable[[Sequence[T]], object], items: Sequence[T], max_batch: int,
-               deadline: Callable[[Sequence[T]], float | None] | None = None) -> Iterator[tuple[Sequence[T], object]]:
+    def chunks(self, fn: Callable[[Sequence[T]], R], items: Sequence[T], max_batch: int,
+               deadline: Callable[[Sequence[T]], float | None] | None = None,
+               ) -> Iterator[tuple[Sequence[T], R | BaseException]]:
         """Run `fn(chunk)` over consecutive planned chunks of `items`; yields (chunk, result).
 
         A chunk of several items that runs out of memory is retried smaller; when a single item runs out, or a

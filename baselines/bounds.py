@@ -18,7 +18,8 @@ def margin_matrix(y: torch.Tensor, num_classes: int) -> torch.Tensor:
     return true_rows - others
 
 
-def _build(model: nn.Module, network: nn.Module, inputs: tuple, bound_opts: dict | None, device, prefix: str = ""):
+def _build(model: nn.Module, network: nn.Module, inputs: torch.Tensor | tuple, bound_opts: dict | None, device,
+           prefix: str = ""):
     """BoundedModule of `model`, converted with `network` in eval mode (its mode is restored afterwards).
 
     auto_LiRPA runs the model once on the one-sample example while converting: in train mode BatchNorm1d refuses a

@@ -10,6 +10,7 @@ import inspect
 import itertools
 import json
 import math
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,10 +18,10 @@ from typing import Any
 from ..errors import UserError
 from ..training.config import LR_SCHEDULES, TRAIN_FIELD_DEFAULTS
 
-try:
+if sys.version_info >= (3, 11):
     import tomllib
-except ImportError:  # Python 3.10
-    import tomli as tomllib  # type: ignore[no-redef]
+else:  # Python 3.10
+    import tomli as tomllib
 
 # Training settings a spec may set in [train] and override per method entry (TrainConfig fields + harness ones).
 TRAIN_DEFAULTS: dict[str, Any] = {**TRAIN_FIELD_DEFAULTS, "limit": 0}  # limit: first N training images (0 = all)

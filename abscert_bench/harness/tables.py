@@ -148,6 +148,7 @@ def comparisons(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             }
             if base is not None:
                 e_base = verified_error(base, "best-bound")
+                assert e_base is not None  # base is chosen among the rows with a best-bound error
                 entry.update({"baseline": base["label"], "baseline_verifier": best_bound_verifier(base),
                               "baseline_error": e_base, "baseline_s_per_epoch": base["train_s_per_epoch"],
                               "baseline_clean_error": 1 - base["clean_acc"]})

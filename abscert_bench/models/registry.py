@@ -24,6 +24,9 @@ def activation(name: str) -> nn.Module:
 class Normalize(nn.Module):
     """Fixed per-channel (x - mean) / std as the model's first layer (raw [0,1] pixels in)."""
 
+    mean: torch.Tensor  # buffers (register_buffer), declared for the type checker
+    std: torch.Tensor
+
     def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
         super().__init__()
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))

@@ -25,7 +25,7 @@ from ..official import (
 from ..rundir import write_csv, write_json
 from ..trained import TrainedModel, build_network, save_checkpoint
 from .config import TrainConfig, _as_list
-from .methods import TrainingMethod, create_method
+from .methods import AbsCertMethod, TrainingMethod, create_method
 from .schedule import Schedule
 
 
@@ -224,6 +224,7 @@ def official_search(
     best: dict[str, Any] | None = None
     for candidate in candidates:
         method = create_method(config.method, config.eps, **{**options, "d": candidate.pixel_d})
+        assert isinstance(method, AbsCertMethod)  # the official / clean protocols are AbsCert's
         method.configure(recipe, dataset.input_shape[0])
         held: dict[str, nn.Module] = {}
 

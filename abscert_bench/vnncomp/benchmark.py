@@ -73,7 +73,7 @@ def pick_images(num_test: int, samples: int, seed: int) -> list[int]:
     return sorted(int(i) for i in rng.choice(num_test, size=samples, replace=False))
 
 
-def check_timeout(timeout: float, where: str = "--timeout") -> float:
+def check_timeout(timeout: float | str, where: str = "--timeout") -> float:
     """A per-instance timeout must be a finite number > 0."""
     try:
         value = float(timeout)
@@ -270,6 +270,7 @@ def _export_into(folder: Path, trained: TrainedModel, config: dict[str, Any], im
                               "encoding": name, "index": index, "label": int(y), "position": position})
         sample_points = torch.cat(points)
         if name == "deployed":
+            assert abstraction is not None  # the deployed encoding exists only for AbsCert runs
             with torch.no_grad():
                 if not torch.allclose(module(sample_points), reference(sample_points), atol=1e-6, rtol=1e-6):
                     raise UserError("exportable deployed classifier differs from the run's classifier")

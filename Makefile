@@ -1,4 +1,4 @@
-# Two commands do all the set-up: `make demo` (main job on the embedded digits) and `make test`.
+# Two commands do all the set-up: `make demo` (main job on the embedded digits) and `make test` (lint, type check, tests).
 # Each creates/updates .venv: torch pinned to the CPU wheel so pip never pulls a CUDA build,
 # auto-lirpa 0.3 with --no-deps (its metadata pins torch<1.13), then this package with its test extras.
 PYTHON ?= python3
@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.abscert-installed
 
-.PHONY: demo test bench data clean-venv
+.PHONY: demo test lint bench data clean-venv
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,7 +19,13 @@ demo: $(STAMP)
 	$(BIN)/abscert-bench demo --force
 
 test: $(STAMP)
+	$(BIN)/ruff check abscert_bench baselines tests benchmarks
+	$(BIN)/mypy
 	$(BIN)/python -m pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check abscert_bench baselines tests benchmarks
+	$(BIN)/mypy
 
 bench: $(STAMP)
 	$(BIN)/abscert-bench bench

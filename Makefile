@@ -1,4 +1,5 @@
-# Two commands do all the set-up: `make demo` (main job on the embedded digits) and `make test`.
+# Two commands do all the set-up: `make demo` (main job on the embedded digits) and `make test` (lint,
+# type check, tests).
 # Each creates/updates .venv: torch 2.13.0 (the CPU wheel from PyTorch's CPU index when that index answers,
 # else whatever this machine's pip configuration offers), auto-lirpa 0.3 with --no-deps (its metadata pins
 # torch<1.13), then this package with its test extras.
@@ -11,7 +12,7 @@ STAMP := $(VENV)/.abscert-installed
 TORCH_VERSION := 2.13.0
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 
-.PHONY: demo test bench data clean-venv
+.PHONY: demo test lint bench data clean-venv
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,7 +32,13 @@ demo: $(STAMP)
 	$(BIN)/abscert-bench demo --force
 
 test: $(STAMP)
+	$(BIN)/ruff check abscert_bench baselines tests benchmarks
+	$(BIN)/mypy
 	$(BIN)/python -m pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check abscert_bench baselines tests benchmarks
+	$(BIN)/mypy
 
 bench: $(STAMP)
 	$(BIN)/abscert-bench bench

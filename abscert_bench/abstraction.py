@@ -56,8 +56,8 @@ def cell_index(values: torch.Tensor | np.ndarray, d: float):
     if isinstance(values, torch.Tensor):
         scaled = values.to(torch.float64) / d + EDGE_TOLERANCE
         return torch.floor(scaled).clamp_(0, last).to(torch.int64)
-    scaled = np.asarray(values, dtype=np.float64) / d + EDGE_TOLERANCE
-    return np.clip(np.floor(scaled), 0, last).astype(np.int64)
+    scaled_array = np.asarray(values, dtype=np.float64) / d + EDGE_TOLERANCE
+    return np.clip(np.floor(scaled_array), 0, last).astype(np.int64)
 
 
 def cell_lower(index, d: float):

@@ -21,8 +21,9 @@ from __future__ import annotations
 import copy
 import math
 import time
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterable, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -231,6 +232,7 @@ def bounded_hull(trained: TrainedModel | nn.Module, x: torch.Tensor, eps: float,
     check_images(x)
     eps = check_eps(eps)
     bounder = HullBounder(trained)
+    assert trained.abstraction is not None  # _abscert_model refuses standard networks
     options = reachable_choices(trained.abstraction, x.detach().cpu(), eps)
     lower, upper = bounder.root_box(options)
     from .lirpa import bounded_input

@@ -18,12 +18,14 @@ from __future__ import annotations
 import math
 import threading
 import time
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Callable, Iterator, Sequence, TypeVar
+from typing import TypeVar
 
 import torch
 
 T = TypeVar("T")
+R = TypeVar("R")
 SAMPLE_EVERY_S = 0.005
 _CUDA_OPEN = [0]  # CUDA watches open now: only the outermost resets the allocator's peak
 HEADROOM = 1.25  # planned batch: estimate × HEADROOM must fit the budget
@@ -60,7 +62,7 @@ def budget_stage(error: BaseException) -> str:
     return "timeout" if isinstance(error, BoundTimeout) else "memory"
 
 
-def within_budget(fn: Callable[[], T]) -> "T | BaseException":
+def within_budget(fn: Callable[[], T]) -> T | BaseException:
     """fn()'s result, or the exception when it ran out of time or memory (any other error propagates)."""
     try:
         return fn()
@@ -109,7 +111,7 @@ class MemoryWatch:
         if self.budget_mb is not None and growth > self.budget_mb:
             self.exceeded = True
 
-    def __enter__(self) -> "MemoryWatch":
+    def __enter__(self) -> MemoryWatch:
         if self.device.type == "cuda":
             if _CUDA_OPEN[0] == 0:  # an inner watch keeps the outer one's peak (it may overestimate: safe)
                 torch.cuda.reset_peak_memory_stats(self.device)
@@ -225,8 +227,9 @@ class BatchPlanner:
             finally:  # a stopped call still teaches how much memory it had taken
                 self.record(watch.peak_mb, items)
 
-    def chunks(self, fn: Callable[[Sequence[T]], object], items: Sequence[T], max_batch: int,
-               deadline: Callable[[Sequence[T]], float | None] | None = None) -> Iterator[tuple[Sequence[T], object]]:
+    def chunks(self, fn: Callable[[Sequence[T]], R], items: Sequence[T], max_batch: int,
+               deadline: Callable[[Sequence[T]], float | None] | None = None,
+               ) -> Iterator[tuple[Sequence[T], R | BaseException]]:
         """Run `fn(chunk)` over consecutive planned chunks of `items`; yields (chunk, result).
 
         A chunk of several items that runs out of memory is retried smaller; when a single item runs out, or a
@@ -236,8 +239,9 @@ class BatchPlanner:
         position = 0
         while position < len(items):
             chunk = items[position:position + self.size(max_batch)]
-            result = within_budget(lambda: self.call(lambda: fn(chunk), len(chunk),
-                                                     deadline(chunk) if deadline else None))
+            # both lambdas run at once, inside this iteration (within_budget and call invoke them before returning)
+            result = within_budget(lambda: self.call(lambda: fn(chunk), len(chunk),  # noqa: B023
+                                                     deadline(chunk) if deadline else None))  # noqa: B023
             if isinstance(result, BaseException) and is_out_of_memory(result) and len(chunk) > 1:
                 self.shrink(len(chunk))
                 continue

@@ -4,8 +4,9 @@ from __future__ import annotations
 import argparse
 import shutil
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from .errors import UserError
 

@@ -1,9 +1,10 @@
 """Train several methods on the same data, model and eps; verify each with every applicable verifier; tabulate."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from .data import load_dataset
 from .rundir import create_run_dir, write_csv

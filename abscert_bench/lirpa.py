@@ -29,7 +29,8 @@ def bounded_input(lower: torch.Tensor, upper: torch.Tensor):
     return lib.BoundedTensor((lower + upper) / 2, lib.PerturbationLpNorm(norm=float("inf"), x_L=lower, x_U=upper))
 
 
-def build_bounded(model: nn.Module, network: nn.Module, inputs: tuple, bound_opts: dict | None, device, prefix: str = ""):
+def build_bounded(model: nn.Module, network: nn.Module, inputs: torch.Tensor | tuple, bound_opts: dict | None, device,
+                  prefix: str = ""):
     """BoundedModule of `model`, converted with `network` in eval mode (its mode is restored afterwards).
 
     auto_LiRPA runs the model once on the one-sample example while converting: in train mode BatchNorm1d refuses a

@@ -10,6 +10,10 @@ import inspect
 import sys
 import types
 from types import ModuleType
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from torch import nn
 
 _APPLIED: list[str] = []
 
@@ -77,7 +81,7 @@ def _shim_gather_elements() -> None:
     _APPLIED.append("aten::gather opset-11 symbolic")
 
 
-def _shim_named_members(bound_module_cls: type) -> None:
+def _shim_named_members(bound_module_cls: type[nn.Module]) -> None:
     """auto_LiRPA's `_named_members` override lacks torch's newer `remove_duplicate` argument."""
     original = bound_module_cls._named_members
     if "remove_duplicate" in inspect.signature(original).parameters:
@@ -86,7 +90,7 @@ def _shim_named_members(bound_module_cls: type) -> None:
     def _named_members(self, get_members_fn, prefix="", recurse=True, remove_duplicate=True):
         return original(self, get_members_fn, prefix, recurse)
 
-    bound_module_cls._named_members = _named_members
+    bound_module_cls._named_members = _named_members  # type: ignore[method-assign]  # patching auto_LiRPA's class
     _APPLIED.append("BoundedModule._named_members")
 
 

@@ -1,7 +1,8 @@
 """Name → builder registries, so the CLI and spec files name things and never branch on them."""
 from __future__ import annotations
 
-from typing import Callable, Generic, Iterator, TypeVar
+from collections.abc import Callable, Iterator
+from typing import Generic, TypeVar
 
 from .errors import UserError
 

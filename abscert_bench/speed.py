@@ -65,5 +65,6 @@ def speed_benchmark(
             paired = [t / base for t, base in zip(times[label], times["natural"])]
             verdict = "meets" if max(paired) <= target else "misses"
             lines.append(f"{label}/natural = {ratio:.3f} median; per repeat "
-                         f"{', '.join(f'{r:.3f}' for r in paired)} ({verdict} the target <= {target:g} on every repeat)")
+                         f"{', '.join(f'{r:.3f}' for r in paired)} "
+                         f"({verdict} the target <= {target:g} on every repeat)")
     return "\n".join(lines) + "\n"

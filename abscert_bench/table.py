@@ -125,8 +125,8 @@ def to_markdown(rows: list[dict[str, Any]]) -> str:
 
     for row in sorted(rows, key=lambda r: (r["dataset"], r["model"], r["eps"], r["method"], samples_of(r))):
         samples = samples_of(row) or "–"
-        cells = [row["dataset"], row["model"], format_eps(row["eps"], row.get("protocol")), mark_label(row["method"], row),
-                 str(samples), _pct(row["clean_acc"])]
+        cells = [row["dataset"], row["model"], format_eps(row["eps"], row.get("protocol")),
+                 mark_label(row["method"], row), str(samples), _pct(row["clean_acc"])]
         for v in verifiers:
             if f"{v}:samples" in row:
                 cells.append(f"{_pct(row[f'{v}:verified_acc'])} ({row[f'{v}:ms_per_sample']:.1f})")

@@ -40,7 +40,7 @@ class TrainedModel:
             return self.network
         return DeployedClassifier(self.abstraction, self.network)
 
-    def to(self, device: str | torch.device) -> "TrainedModel":
+    def to(self, device: str | torch.device) -> TrainedModel:
         """Move the network to `device` (in place) and return self."""
         self.network.to(device)
         return self

@@ -63,7 +63,8 @@ def main() -> int:
         work = stage_seconds(tmp_path / "serial")
         per_cell = [r["harness_overhead_s"] for r in serial.ran.values()]
         overhead = (serial.seconds - sum(work)) / len(spec.cells)
-        print(f"in-process: {serial.seconds:.1f} s for {len(spec.cells)} cells, of which train+verify {sum(work):.1f} s")
+        print(f"in-process: {serial.seconds:.1f} s for {len(spec.cells)} cells, "
+              f"of which train+verify {sum(work):.1f} s")
         print(f"harness overhead per cell (suite wall − train − verify, ÷ cells): {overhead:.3f} s "
               f"[target < 1 s]; inside the cell: median {statistics.median(per_cell):.3f} s, "
               f"max {max(per_cell):.3f} s (the first cell pays the imports)")

@@ -8,7 +8,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from abscert_bench.abstraction import (
-    Abstraction, cell_index, cell_lower, cell_upper, num_cells, phi, phi_numpy, reachable_cells, region_phi,
+    Abstraction,
+    cell_index,
+    cell_lower,
+    cell_upper,
+    num_cells,
+    phi,
+    phi_numpy,
+    reachable_cells,
+    region_phi,
 )
 from abscert_bench.errors import UserError
 

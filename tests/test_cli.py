@@ -19,7 +19,7 @@ def run_cli(capsys, *argv):
 
 def assert_one_line_error(code, err, *fragments):
     assert code == 2
-    lines = [l for l in err.strip().splitlines() if l.startswith("abscert-bench: error")]
+    lines = [line for line in err.strip().splitlines() if line.startswith("abscert-bench: error")]
     assert len(lines) == 1, err
     for fragment in fragments:
         assert fragment in lines[0]

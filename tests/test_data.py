@@ -15,8 +15,8 @@ import torch
 
 from abscert_bench.data import (
     DATASETS,
-    Dataset,
     IDX_FILES,
+    Dataset,
     load_dataset,
     mnist_split,
     read_idx,

@@ -151,8 +151,8 @@ def test_grid_expansion_and_sweep():
 
 def test_shipped_specs_are_valid():
     specs = {path.stem: load_spec(path) for path in sorted((ROOT / "specs").glob("*.toml"))}
-    assert {"quick", "mnist", "mnist-official", "mnist-budget", "mnist-paper", "mnist-gpu", "fashion-mnist", "fashion-mnist-paper", "cifar10",
-            "scalability"} <= set(specs)
+    assert {"quick", "mnist", "mnist-official", "mnist-budget", "mnist-paper", "mnist-gpu", "fashion-mnist",
+            "fashion-mnist-paper", "cifar10", "scalability"} <= set(specs)
     assert all(len(spec.cells) > 0 for spec in specs.values())
     # the fashion-mnist CPU-budget spec runs the paper grid: same cells, smaller budget
     cpu, paper = specs["fashion-mnist"], specs["fashion-mnist-paper"]
@@ -522,7 +522,8 @@ def test_best_bound_ignores_a_verifier_run_on_fewer_images():
 def test_markdown_and_latex_tables():
     markdown = to_markdown(fake_rows())
     for column in ["clean err %", "AbsCert paper err %", "AbsCert sound err %", "IBP err %", "CROWN err %",
-                   "α-CROWN err %", "train s/epoch", "relative reduction %", "training speed-up ×", "paper ✓ / sound ✗"]:
+                   "α-CROWN err %", "train s/epoch", "relative reduction %", "training speed-up ×",
+                   "paper ✓ / sound ✗"]:
         assert column in markdown
     assert "| 90.0 | 2.00 | 4.00 | 2.00 |" in markdown  # paper: reduction 90 %, s/epoch 2 vs 4, speed-up 2
     assert "| ibp (CROWN) | 10.0 | 50.0 | 90.0 |" in markdown  # best baseline, its clean and verified error
@@ -564,8 +565,8 @@ def test_plot_functions_on_fake_rows(tmp_path):
 # -- scalability models ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", ["resnet18", "vgg11"])
 def test_scalability_models_build_and_ibp_wraps(name):
-    from abscert_bench.models import MODELS, count_parameters, create_model
     from abscert_bench.lirpa import bounded_module, margin_lower_bounds
+    from abscert_bench.models import MODELS, count_parameters, create_model
 
     assert name in MODELS
     torch.manual_seed(0)

@@ -2,9 +2,9 @@
 import pytest
 import torch
 
+from abscert_bench.lirpa import bounded_module, margin_lower_bounds, margin_matrix
 from abscert_bench.lirpa_compat import applied_shims, lirpa
 from abscert_bench.models import create_model
-from abscert_bench.lirpa import bounded_module, margin_lower_bounds, margin_matrix
 
 METHODS = ["ibp", "crown-ibp", "crown", "alpha-crown"]
 

@@ -4,8 +4,8 @@ import torch
 from torch import nn
 
 from abscert_bench.errors import UserError
-from abscert_bench.models import MODELS, count_parameters, create_model
 from abscert_bench.lirpa import bounded_module, margin_lower_bounds
+from abscert_bench.models import MODELS, count_parameters, create_model
 
 SHAPES = [(1, 8, 8), (2, 28, 28), (3, 32, 32), (6, 32, 32)]
 

@@ -1,4 +1,4 @@
-"""AbsCert as published: units, cell count, candidates (main.py generate_d), protocols, soundness with Normalize in N."""
+"""AbsCert as published: units, cell count, candidates (main.py generate_d), protocols, soundness (Normalize in N)."""
 from __future__ import annotations
 
 import csv
@@ -106,7 +106,8 @@ def test_unit_round_trip_gives_the_official_cells(eps):
         exact = np.array([official_cell_exact(int(v), k) for v in LEVELS])
         assert np.array_equal(ours, exact), k  # all 256 levels, edges and 255 included
         # the cell ends, mapped to [-1, 1] by the model's Normalize(0.5, 0.5), are the official ones
-        lo, up = cell_lower(torch.from_numpy(ours), candidate.pixel_d), cell_upper(torch.from_numpy(ours), candidate.pixel_d)
+        lo = cell_lower(torch.from_numpy(ours), candidate.pixel_d)
+        up = cell_upper(torch.from_numpy(ours), candidate.pixel_d)
         bounds = [official_cell_bounds(int(v), k) for v in LEVELS]
         assert np.allclose((lo.double() - 0.5) / 0.5, [float(b[0]) for b in bounds], atol=1e-6)
         assert np.allclose((up.double() - 0.5) / 0.5, [float(b[1]) for b in bounds], atol=1e-6)
@@ -329,7 +330,7 @@ def test_export_and_run_back_with_normalize(tmp_path):
         assert not (row["result"] == "sat" and status == "verified"), row
 
 
-# -- tables, CLI, spec ---------------------------------------------------------------------------------------------------
+# -- tables, CLI, spec -------------------------------------------------------------------------------------------------
 def test_tables_show_both_units_and_the_test_selection_mark(protocol_runs):
     from abscert_bench.harness.tables import to_latex
     from abscert_bench.harness.tables import to_markdown as harness_markdown

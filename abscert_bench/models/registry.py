@@ -1,7 +1,7 @@
 """The model registry and the pieces every architecture shares (activation, normalisation)."""
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -23,6 +23,9 @@ def activation(name: str) -> nn.Module:
 
 class Normalize(nn.Module):
     """Fixed per-channel (x - mean) / std as the model's first layer (raw [0,1] pixels in)."""
+
+    mean: torch.Tensor  # buffers (register_buffer), declared for the type checker
+    std: torch.Tensor
 
     def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
         super().__init__()

@@ -27,6 +27,7 @@ class ResidualBlock(nn.Module):
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, stride=1, padding=1)
         self.act2 = activation(act)
         nn.init.zeros_(self.conv2.weight)
+        assert self.conv2.bias is not None  # bias=True
         nn.init.zeros_(self.conv2.bias)
         self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or in_channels != out_channels:

@@ -12,7 +12,7 @@ from torch import nn
 
 from .registry import MODELS, activation
 
-VGG11 = [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"]
+VGG11: list[int | str] = [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"]
 
 
 @MODELS.register("vgg11")

@@ -76,6 +76,7 @@ class GapHullNetwork(nn.Module):
         self.premap.weight.data = weight.view(2 * channels, 2 * channels, 1, 1)
         self.premap.weight.requires_grad_(False)
         if normalize is not None:
+            assert self.premap.bias is not None  # bias=True when normalize is given
             self.premap.bias.data = bias
             self.premap.bias.requires_grad_(False)
 
@@ -275,7 +276,7 @@ class HullBounder:
                 x=inputs, C=spec, method=LIRPA_METHODS[method], bound_upper=False, **kwargs
             )
         margins = out[0].detach().cpu()
-        intermediate = None
+        intermediate: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
         if method != "ibp":
             intermediate = {}
             for name in self.relu_inputs:

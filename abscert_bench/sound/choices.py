@@ -120,7 +120,9 @@ def _runs(abstraction: Abstraction, lo: np.ndarray, hi: np.ndarray, centre: np.n
     count = np.zeros(n, dtype=np.int64)
     clean = np.zeros(n, dtype=np.int64)
     centre_bits = _bits(centre)
-    lowers, uppers, values = [], [], []
+    lowers: list[np.ndarray] = []
+    uppers: list[np.ndarray] = []
+    values: list[np.ndarray] = []
     active = np.arange(n)
     while active.size:
         s = start[active]

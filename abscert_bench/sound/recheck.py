@@ -10,8 +10,9 @@ counterexamples, `label` (n,) int64 true labels, `eps` (n,) float64 radii.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -74,7 +75,8 @@ def save_counterexamples(path: str | Path, results: Sequence[Any], x_by_index: A
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as handle:
-        np.savez_compressed(handle, **arrays)  # MNIST images compress ~10x
+        # numpy's stub types **kwds as if they could fill its `allow_pickle: bool` (MNIST images compress ~10x)
+        np.savez_compressed(handle, **arrays)  # type: ignore[arg-type]
     os.replace(tmp, path)
     return len(rows)
 

@@ -96,10 +96,11 @@ class Domain:
 
 def _stack(parents: list[Domain], names: list[str]) -> dict | None:
     """Batch the parents' bounds on the ReLU inputs `names` (None if any parent lacks them)."""
-    if not names or any(p.intermediate is None for p in parents):
+    bounds = [p.intermediate for p in parents if p.intermediate is not None]
+    if not names or len(bounds) < len(parents):
         return None
-    return {name: (torch.cat([p.intermediate[name][0] for p in parents]),
-                   torch.cat([p.intermediate[name][1] for p in parents])) for name in names}
+    return {name: (torch.cat([b[name][0] for b in bounds]),
+                   torch.cat([b[name][1] for b in bounds])) for name in names}
 
 
 def branch_and_bound(

@@ -1,10 +1,10 @@
 """One training loop, pluggable training methods."""
-from .methods import METHODS, TrainingMethod, create_method
-from .schedule import Schedule
-
 # Complete on import: the auto_LiRPA-backed IBP / CROWN-IBP methods and the installed plugins register here.
 import abscert_bench_baselines.training  # noqa: E402,F401
+
 from ..plugins import load_plugins  # noqa: E402
+from .methods import METHODS, TrainingMethod, create_method
+from .schedule import Schedule
 
 load_plugins()
 

@@ -36,7 +36,7 @@ class TrainConfig:
     lr_milestones: list[int] = field(default_factory=list)  # epochs after which `step` multiplies lr by lr_decay
     lr_decay: float = 0.2
     lr_warmup_epochs: float = 0.0  # linear lr warm-up from 0 (cosine and step), in epochs
-    lr_cycles: float = 0.5  # cosine periods after warm-up (0.5: one half-cosine down to 0; the official AbsCert code: 2)
+    lr_cycles: float = 0.5  # cosine periods after warm-up (0.5: one half-cosine down to 0; official AbsCert code: 2)
     budget_s: float = 0.0  # > 0: train for this many seconds of training time; schedules are stretched to it
 
     def validate(self) -> None:

@@ -3,21 +3,29 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..data import Dataset
 from ..errors import UserError
-from ..official import (SELECTION, VALIDATION_FRACTION, check_protocol, given_recipe, official_candidates, paper_eps,
-                        recipe_for)
+from ..official import (
+    SELECTION,
+    VALIDATION_FRACTION,
+    check_protocol,
+    given_recipe,
+    official_candidates,
+    paper_eps,
+    recipe_for,
+)
 from ..rundir import write_csv, write_json
 from ..trained import TrainedModel, build_network, save_checkpoint
 from .config import TrainConfig, _as_list
-from .methods import TrainingMethod, create_method
+from .methods import AbsCertMethod, TrainingMethod, create_method
 from .schedule import Schedule
 
 
@@ -236,6 +244,7 @@ def official_search(
     best: dict[str, Any] | None = None
     for candidate in candidates:
         method = create_method(config.method, config.eps, **{**options, "d": candidate.pixel_d})
+        assert isinstance(method, AbsCertMethod)  # the official / clean protocols are AbsCert's
         method.configure(recipe, dataset.input_shape[0])
         held: dict[str, nn.Module] = {}
 
@@ -243,7 +252,7 @@ def official_search(
             xavier_init(network)
             held["network"] = network
 
-        def hook(row: dict[str, Any], method=method, held=held) -> None:
+        def hook(row: dict[str, Any], method=method, held=held, candidate=candidate) -> None:
             if protocol == "clean":  # the loop's eval split is validation here: report test accuracy beside it
                 row["val_acc"] = row["test_acc"]
                 row["test_acc"] = evaluate(TrainedModel(held["network"], {}, method.abstraction()).classifier(),

@@ -60,6 +60,7 @@ def lower_forward(network: nn.Module, lower: torch.Tensor, d: float) -> torch.Te
     if parts is None:
         return None
     norm, first, rest = parts
+    assert isinstance(first, (nn.Conv2d, nn.Linear))  # split_first_layer returns one of the two
     channels = lower.shape[1]
     mean = norm.mean.flatten() if norm is not None else torch.zeros(2 * channels, device=lower.device)
     std = norm.std.flatten() if norm is not None else torch.ones(2 * channels, device=lower.device)

@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -10,8 +11,14 @@ from torch import nn
 
 from ..abstraction import VARIANTS, Abstraction, check_granularity
 from ..errors import UserError
-from ..official import (DEFAULT_D_STEP, NORMALIZE_MEAN, NORMALIZE_STD, RECIPES_CHOICES, check_protocol,
-                        official_candidates)
+from ..official import (
+    DEFAULT_D_STEP,
+    NORMALIZE_MEAN,
+    NORMALIZE_STD,
+    RECIPES_CHOICES,
+    check_protocol,
+    official_candidates,
+)
 from ..registry import Registry
 from .lower_form import divides_one, lower_forward
 from .schedule import Schedule
@@ -95,7 +102,7 @@ class AbsCertMethod(TrainingMethod):
         self.weight_decay = 0.0
         self.augment = False
 
-    def configure(self, recipe: dict[str, Any], channels: int) -> "AbsCertMethod":
+    def configure(self, recipe: dict[str, Any], channels: int) -> AbsCertMethod:
         """Apply an official recipe row's method-side parts (weight decay, augmentation) for C-channel images."""
         self.channels = int(channels)
         self.weight_decay = float(recipe.get("weight_decay", 0.0))

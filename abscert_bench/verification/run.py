@@ -1,8 +1,9 @@
 """Verify a run directory's model on its dataset's test split; results go under RUN/verify/eps=<eps>/."""
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from ..abstraction import check_eps
 from ..data import load_dataset
@@ -16,7 +17,8 @@ from .cascade import run_cascade
 
 def applicable_verifiers(trained: TrainedModel, among: list[str] | None = None) -> list[str]:
     """Names of the verifiers (all registered ones, or those `among`) that can check this model."""
-    return [name for name in (all_verifier_names() if among is None else among) if create_verifier(name).applies_to(trained)]
+    return [name for name in (all_verifier_names() if among is None else among)
+            if create_verifier(name).applies_to(trained)]
 
 
 def results_dir(run_dir: Path, eps: float, first: int | None = None) -> Path:

@@ -27,7 +27,8 @@ from __future__ import annotations
 
 import hashlib
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -38,7 +39,7 @@ from ..devices import OnDevice
 from ..errors import UserError
 from ..sound.attack import discrete_attack
 from ..sound.bounds import CROWN_LAST, LIRPA_METHODS, HullBounder
-from ..sound.choices import reachable_options
+from ..sound.choices import PixelOptions, reachable_options
 from ..sound.recheck import recheck_counterexample
 from ..sound.search import SearchOutcome, branch_and_bound, enumerate_domain
 from .base import VERIFIERS, SampleResult, Verifier, clean_check
@@ -186,7 +187,7 @@ class _BatchRun:
         self.cex: list[np.ndarray | None] = [None] * n
         self.details = [{"choice_pixels": 0, "branches": 0, "stage": "", "attack_s": 0.0, "bounds_s": 0.0,
                          "bab_s": 0.0} for _ in range(n)]
-        self.options = None
+        self.options: PixelOptions | None = None  # set by clean_stage, the first stage
 
     # bookkeeping
 
@@ -215,6 +216,7 @@ class _BatchRun:
         if outcome.status != "falsified":
             self.decide(i, outcome.status, outcome.stage)
             return
+        assert self.options is not None and outcome.choice is not None  # a falsified outcome carries its choice
         x_adv = self.options.concrete(i, outcome.choice)
         ok, message = recheck_counterexample(self.trained, self.x[i], int(self.y[i]), self.eps, x_adv)
         if ok:
@@ -225,6 +227,7 @@ class _BatchRun:
 
     def root_first(self, k: int) -> np.ndarray:
         """Option index 0 for every pixel of k root domains."""
+        assert self.options is not None
         return np.zeros((k, self.options.count.shape[1]), dtype=np.int64)
 
     def answers(self):
@@ -251,6 +254,7 @@ class _BatchRun:
 
     def enumeration_stage(self) -> None:
         """Exact check of samples with at most `enumerate_limit` reachable abstract inputs (time: bab_s)."""
+        assert self.options is not None
         for i in self.open():
             combinations = self.options.combinations(i)
             if combinations > self.verifier.enumerate_limit:
@@ -264,6 +268,7 @@ class _BatchRun:
 
     def attack_stage(self) -> None:
         """Discrete attack, batched over the undecided samples; hits must pass the re-check."""
+        assert self.options is not None
         members = self.open()
         if not members:
             return
@@ -283,6 +288,8 @@ class _BatchRun:
 
     def bound_and_search_stage(self) -> None:
         """A cheap batched bound pre-pass, the full bound per sample, then branch and bound."""
+        options = self.options
+        assert options is not None
         pending = self.open()
         if not pending:
             return
@@ -294,9 +301,10 @@ class _BatchRun:
         for i in pending:
             clock = time.perf_counter()
             deadline = clock + max(0.0, v.timeout - self.seconds[i])
-            root = within_budget(lambda: bounder.bound(self.options, np.array([i]), self.root_first(1),
-                                                       self.options.count[i][None] - 1, self.y[i:i + 1],
-                                                       deadline=deadline))
+            # within_budget calls the lambda at once, inside this iteration
+            root = within_budget(lambda: bounder.bound(options, np.array([i]), self.root_first(1),  # noqa: B023
+                                                       options.count[i][None] - 1, self.y[i:i + 1],  # noqa: B023
+                                                       deadline=deadline))  # noqa: B023
             self.charge(clock, [i], "bounds_s")
             if isinstance(root, BaseException):
                 self.details[i]["note"] = f"root bound stopped: {root}"
@@ -308,7 +316,7 @@ class _BatchRun:
             self.details[i]["min_margin_lb"] = float(root.margins[0].min())
             clock = time.perf_counter()
             deadline = clock + max(0.0, v.timeout - self.seconds[i])
-            self.conclude(i, branch_and_bound(bounder, self.network, self.options, i, int(self.y[i]), root,
+            self.conclude(i, branch_and_bound(bounder, self.network, options, i, int(self.y[i]), root,
                                               deadline, v.bab_batch, v.enumerate_limit))
             self.charge(clock, [i], "bab_s")
 

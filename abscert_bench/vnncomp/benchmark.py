@@ -73,7 +73,7 @@ def pick_images(num_test: int, samples: int, seed: int) -> list[int]:
     return sorted(int(i) for i in rng.choice(num_test, size=samples, replace=False))
 
 
-def check_timeout(timeout: float, where: str = "--timeout") -> float:
+def check_timeout(timeout: float | str, where: str = "--timeout") -> float:
     """A per-instance timeout must be a finite number > 0."""
     try:
         value = float(timeout)
@@ -111,14 +111,20 @@ def _edge_images(input_shape: tuple[int, ...], abstraction: Abstraction) -> torc
 
 
 def _write_readme(folder: Path, meta: dict[str, Any]) -> None:
+    chosen = f" chosen by seed {meta['seed']}" if meta["seed"] is not None else ""
     encodings = "\n".join(f"- `{name}`: {ENCODING_TEXT[name]}." for name in meta["encodings"])
     checks = meta["checks"]
+    network_file = (" `onnx/network.onnx`: the AbsCert network N alone (2C channels), used by the run-back to map"
+                    " deployed instances to the sound AbsCert check; not referenced by instances.csv."
+                    if meta['abstraction'] else '')
+    level_checks = (", and on images covering all 256 8-bit levels and floats next to every cell edge (deployed)"
+                    if meta['abstraction'] else '')
     text = f"""# VNN-COMP benchmark exported by abscert-bench
 
 Source run: `{meta['source_run']}` (dataset `{meta['dataset']}`, model `{meta['model_config']['model']}`,
 method `{meta['method']}`{', abstraction ' + str(meta['abstraction']) if meta['abstraction'] else ''}).
 Perturbation: L∞ radius eps = {meta['eps']:g} around each image, clipped to [0, 1].
-Images: {meta['samples']} test images{' chosen by seed ' + str(meta['seed']) if meta['seed'] is not None else ''} (indices in `{METADATA}`).
+Images: {meta['samples']} test images{chosen} (indices in `{METADATA}`).
 Timeout per instance: {meta['timeout']:g} s.
 
 Regenerate this folder with:
@@ -139,13 +145,13 @@ robustness of the image; `sat` comes with a counterexample.
 - `onnx/`: ONNX opset 13, batch dimension 1; input flattened row-major into X_0 ... X_n.
 - `vnnlib/`: VNN-LIB 1.0 properties.{' `vnnlib2/`: the same properties in VNN-LIB 2.0.' if meta['vnnlib2'] else ''}
 - `{METADATA}`: metadata (source run, abstraction, image index and label per instance, checks).
-- `{IMAGES}`: the exported images.{' `onnx/network.onnx`: the AbsCert network N alone (2C channels), used by the run-back to map deployed instances to the sound AbsCert check; not referenced by instances.csv.' if meta['abstraction'] else ''}
+- `{IMAGES}`: the exported images.{network_file}
 
 ## Checks done at export
 
 - `onnx.checker` (full check) on every ONNX file;
 - onnxruntime (and our own ONNX loader) equal torch within 1e-5 (+1e-5·|y|) on every exported image, both
-  corners and {RANDOM_POINTS} random points of every box{', and on images covering all 256 8-bit levels and floats next to every cell edge (deployed)' if meta['abstraction'] else ''};
+  corners and {RANDOM_POINTS} random points of every box{level_checks};
 - every VNN-LIB 1.0 file read back by our reader gives exactly the intended box and output condition;
 - VNN-LIB 2.0: {checks['vnnlib2']}.
 
@@ -285,6 +291,7 @@ def _export_into(folder: Path, trained: TrainedModel, config: dict[str, Any], im
                               "encoding": name, "index": index, "label": int(y), "position": position})
         sample_points = torch.cat(points)
         if name == "deployed":
+            assert abstraction is not None  # the deployed encoding exists only for AbsCert runs
             with torch.no_grad():
                 if not torch.allclose(module(sample_points), reference(sample_points), atol=1e-6, rtol=1e-6):
                     raise UserError("exportable deployed classifier differs from the run's classifier")

@@ -32,6 +32,12 @@ RTOL = 1e-5
 class ExportableCellRule(nn.Module):
     """`abstraction.cell_index` / `cell_lower` / `cell_upper` in ops that export one-to-one to ONNX."""
 
+    d: torch.Tensor  # buffers (register_buffer), declared for the type checker
+    tolerance: torch.Tensor
+    first: torch.Tensor
+    last: torch.Tensor
+    one: torch.Tensor
+
     def __init__(self, d: float) -> None:
         super().__init__()
         f64 = torch.float64
@@ -57,6 +63,10 @@ class ExportableCellRule(nn.Module):
 
 class ExportableDeployed(nn.Module):
     """The deployed classifier f(x) = N(abstraction(x)) for raw images, written for ONNX export."""
+
+    eps: torch.Tensor  # buffers (register_buffer), declared for the type checker
+    zero32: torch.Tensor
+    one32: torch.Tensor
 
     def __init__(self, abstraction: Abstraction, network: nn.Module) -> None:
         super().__init__()
@@ -93,6 +103,7 @@ def export_form(network: nn.Module) -> nn.Module:
     mean, std = norm.mean.reshape(-1), norm.std.reshape(-1)
     channels = mean.numel()
     conv = nn.Conv2d(channels, channels, 1)
+    assert conv.bias is not None  # bias=True
     with torch.no_grad():
         conv.weight.copy_(torch.diag(1.0 / std).view(channels, channels, 1, 1))
         conv.bias.copy_(-mean / std)

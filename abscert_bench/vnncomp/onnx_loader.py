@@ -6,8 +6,9 @@ one-line UserError naming the file and the op.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -139,7 +140,9 @@ class OnnxModule(nn.Module):
         """A torch function of the node's inputs (None for absent optional inputs)."""
         op, attrs, path = node.op_type, _attributes(node), self.path
         if op in ("Add", "Sub", "Mul", "Div"):
-            return {"Add": torch.add, "Sub": torch.sub, "Mul": torch.mul, "Div": torch.div}[op]
+            binary: dict[str, Callable[..., Any]] = {"Add": torch.add, "Sub": torch.sub, "Mul": torch.mul,
+                                                     "Div": torch.div}
+            return binary[op]
         if op in ("Relu", "Sigmoid", "Tanh", "Floor", "Neg"):
             return {"Relu": torch.relu, "Sigmoid": torch.sigmoid, "Tanh": torch.tanh, "Floor": torch.floor,
                     "Neg": torch.neg}[op]

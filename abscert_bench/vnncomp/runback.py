@@ -18,9 +18,10 @@ the instance's timeout is reported as `timeout`, as VNN-COMP does.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -193,8 +194,8 @@ class Bounder:
         if key not in self._bounded:  # the model is kept alive with its BoundedModule, so ids stay unique
             self._bounded[key] = (model, bounded_module(model, lower))
         c = torch.as_tensor(a, dtype=torch.float32)[None]
-        lb, _ = self._bounded[key][1].compute_bounds(x=(bounded_input(lower, upper),), C=c, method=LIRPA_METHODS[self.method],
-                                                  bound_upper=False)
+        lb, _ = self._bounded[key][1].compute_bounds(x=(bounded_input(lower, upper),), C=c,
+                                                  method=LIRPA_METHODS[self.method], bound_upper=False)
         exceeds = (lb.detach().reshape(-1).to(torch.float64) > torch.as_tensor(b)).tolist()
         return all(any(exceeds[i] for i, o in enumerate(owner) if o == d) for d in range(len(prop.disjuncts)))
 
@@ -288,10 +289,12 @@ class RunBack:
 
     def _pixel_to_input(self, z: torch.Tensor) -> torch.Tensor:
         """Per-pixel corner choice → per-input-variable choice of the hull network (region: both ends)."""
+        assert self.abstraction is not None  # hull and deployed instances are solved only for AbsCert folders
         return z if self.abstraction.variant == "point" else torch.cat([z, z])
 
     def solve_hull(self, model: OnnxModule, prop: VnnlibProperty, budget: Budget) -> Outcome:
         """Hull instance: realisable-corner attack for sat, bounds on the box for unsat."""
+        assert self.abstraction is not None  # solve() sends hull instances here only for AbsCert folders
         shape = (1, *model.input_shape[1:])
         lower = torch.as_tensor(prop.lower, dtype=torch.float32)
         upper = torch.as_tensor(prop.upper, dtype=torch.float32)
@@ -319,6 +322,7 @@ class RunBack:
     def _hull_of_ball(self, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Hull box of the abstract inputs of the concrete box [lo, hi] (the clipped ball)."""
         ab = self.abstraction
+        assert ab is not None  # hull and deployed instances are solved only for AbsCert folders
         if ab.variant == "point":
             return cell_lower(cell_index(lo, ab.d), ab.d), cell_lower(cell_index(hi, ab.d), ab.d)
         return region_phi(lo, ab.d, ab.eps), region_phi(hi, ab.d, ab.eps)
@@ -331,6 +335,7 @@ class RunBack:
             return self.solve_box(model, prop, budget, info)
         network = self.model(network_rel)
         if network_rel not in self._hulls:
+            assert self.abstraction is not None  # solve() sends deployed instances here only for AbsCert folders
             self._hulls[network_rel] = hull_network(self.abstraction, network)
         hull = self._hulls[network_rel]
         shape = (1, *model.input_shape[1:])
@@ -340,7 +345,7 @@ class RunBack:
         hull_shape = hull_lo.shape
 
         def relaxed(z):
-            return hull((hull_lo + self._pixel_to_input(z).reshape(hull_shape) * (hull_hi - hull_lo)))
+            return hull(hull_lo + self._pixel_to_input(z).reshape(hull_shape) * (hull_hi - hull_lo))
 
         def concrete(z):
             return lo + z.reshape(shape) * (hi - lo)
@@ -404,6 +409,7 @@ def format_result(outcome: Outcome) -> str:
     """VNN-COMP result file text: `unsat`, `timeout`, `unknown`, or `sat` with ((X_i v) ... (Y_j v))."""
     if outcome.result != "sat":
         return outcome.result + "\n"
+    assert outcome.x is not None and outcome.y is not None  # a sat outcome carries its witness
     pairs = [f"(X_{i} {format_number(v)})" for i, v in enumerate(outcome.x)]
     pairs += [f"(Y_{j} {format_number(v)})" for j, v in enumerate(outcome.y)]
     return "sat\n(" + "\n ".join(pairs) + ")\n"

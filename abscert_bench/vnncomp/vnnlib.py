@@ -164,7 +164,7 @@ class _Reader:
         self.declared: dict[str, set[int]] = {"X": set(), "Y": set()}
         self.lower: dict[int, tuple[float, int]] = {}
         self.upper: dict[int, tuple[float, int]] = {}
-        self.output_conditions: list[list[list[tuple[dict[int, float], float]]]] = []  # CNF of DNFs
+        self.output_conditions: list[list[list[tuple[dict[str, float], float]]]] = []  # CNF of DNFs
 
     def fail(self, line: int, message: str) -> UserError:
         return UserError(f"{self.path}: line {line}: {message}")

@@ -31,10 +31,9 @@ from torch import nn
 
 from abscert_bench.abstraction import ball
 from abscert_bench.errors import UserError
+from abscert_bench.lirpa import bounded_module, margin_lower_bounds, relu_input_nodes, set_batchnorm_training
 from abscert_bench.training.methods import METHODS, TrainingMethod
 from abscert_bench.training.schedule import Schedule
-
-from abscert_bench.lirpa import bounded_module, margin_lower_bounds, relu_input_nodes, set_batchnorm_training
 
 from .bounds import FusedLoss, worst_case_logits
 

@@ -9,12 +9,9 @@ from abscert_bench.abstraction import ball
 from abscert_bench.budget import DEFAULT_MEMORY_MB, BatchPlanner, BoundTimeout, guarded, within_budget
 from abscert_bench.devices import module_device
 from abscert_bench.errors import UserError
+from abscert_bench.lirpa import bounded_module, margin_lower_bounds, set_batchnorm_training
 from abscert_bench.verification.base import VERIFIERS, Verifier, clean_check
 from abscert_bench.verification.pgd import pgd_attack
-
-from abscert_bench.lirpa import bounded_module, margin_lower_bounds, set_batchnorm_training
-
-
 
 
 class BoundVerifier(Verifier):

@@ -61,6 +61,12 @@ git worktree remove --force /tmp/abscert-before
   --checkpoint $S/models/dm_large-natural.pt --json $S/crown.json
 .venv/bin/python benchmarks/sound_benchmark.py --report $S/records.json > $S/table.md
 
+# Gap form vs box form of the AbsCert hull for auto_LiRPA (bounds only, no timing; issue 11).
+rm -f results/hull-forms/records.json
+.venv/bin/python benchmarks/hull_forms.py --dataset mnist --model dm_small --eps 0.1 --d 0.2 --epochs 3 \
+  --train-limit 20000 --samples 200 --json results/hull-forms/records.json
+.venv/bin/python benchmarks/hull_forms.py --dataset digits --samples 200 --json results/hull-forms/records.json
+
 # Training speed ratios (one interleaved run; quiet machine).
 $B bench --dataset mnist --epochs 5 > results/speed_benchmark.md
 

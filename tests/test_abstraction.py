@@ -1,4 +1,4 @@
-"""Laws of the abstraction (DESIGN.md): one cell rule, exact on 8-bit levels, torch == numpy."""
+"""Laws of the abstraction (docs/architecture.md): one cell rule, exact on 8-bit levels, torch == numpy."""
 from fractions import Fraction
 
 import numpy as np

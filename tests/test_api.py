@@ -52,6 +52,17 @@ def test_docs_api_example_runs():
     shutil.rmtree(folder.parent)  # the example's tempfile.mkdtemp()
 
 
+def test_readme_api_example_runs(capsys):
+    block = [b for b in python_blocks(ROOT / "README.md") if "import abscert_bench as ab" in b]
+    assert len(block) == 1, "README lacks its Python API example"
+    torch.manual_seed(0)
+    namespace: dict = {}
+    exec(compile(block[0], "README.md", "exec"), namespace)
+    assert set(namespace["results"]) == {"abscert-paper", "abscert-sound"}
+    assert namespace["lower"].shape == (4, 10) and (namespace["lower"] <= namespace["upper"]).all()
+    assert "abscert-sound" in capsys.readouterr().out
+
+
 def test_fresh_interpreter_lists_every_builtin():
     """Registries are complete on import (also when a leaf module is imported first), without auto_LiRPA."""
     code = textwrap.dedent("""

@@ -6,8 +6,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from abscert_bench_baselines.bounds import FusedLoss, worst_case_logits
-from abscert_bench_baselines.training import ibp_init, regularizer_terms
 from torch import nn
 
 from abscert_bench.errors import UserError
@@ -18,6 +16,8 @@ from abscert_bench.training.config import TrainConfig
 from abscert_bench.training.loop import train_model
 from abscert_bench.training.recipes import SHI2021_MNIST
 from abscert_bench.training.schedule import Schedule
+from abscert_bench_baselines.bounds import FusedLoss, worst_case_logits
+from abscert_bench_baselines.training import ibp_init, regularizer_terms
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -290,9 +290,8 @@ def skewed_bn_net():
 
 @pytest.mark.parametrize("verifier", ["ibp", "crown", "alpha-crown"])
 def test_bound_verifiers_bound_the_eval_mode_network(skewed_bn_net, verifier):
-    from abscert_bench.verification import create_verifier
-
     from abscert_bench.trained import TrainedModel
+    from abscert_bench.verification import create_verifier
 
     net = skewed_bn_net.train()  # the verifier must switch to eval mode itself
     trained = TrainedModel(net, {"model": "dm_small_bn", "input_shape": [1, 8, 8], "num_classes": 10,
@@ -340,10 +339,10 @@ def test_abscert_sound_on_a_bn_network(digits, model):
     """AbsCert-trained BN net on 8×8 digits: the folded gap form (Conv → BN) is exact at hull vertices in eval mode,
     and abscert-sound's verdicts hold (verified ⇒ paper-verified and sampled points keep the label)."""
     import numpy as np
-    from abscert_bench.verification import create_verifier
 
     from abscert_bench.sound.bounds import HullBounder
     from abscert_bench.sound.choices import reachable_options
+    from abscert_bench.verification import create_verifier
 
     config = TrainConfig("digits", model, "abscert", 0.05, epochs=1, method_options={"d": 0.2})
     trained, _ = train_model(config, create_method("abscert", 0.05, d=0.2), digits.train_x[:512],

@@ -153,8 +153,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_table(args: argparse.Namespace) -> int:
-    from .rundir import write_csv
-    from .table import collect, to_csv_rows, to_markdown
+    from .harness.tables import collect, runs_markdown, write_rows_csv
 
     if args.sound_stages:
         from .sound_report import sound_report
@@ -165,10 +164,9 @@ def cmd_table(args: argparse.Namespace) -> int:
         print(sound_report(dirs), end="")
         return 0
     rows = collect([Path(p) for p in args.runs])
-    print(to_markdown(rows), end="")
+    print(runs_markdown(rows), end="")
     if args.csv:
-        csv_rows, fields = to_csv_rows(rows)
-        write_csv(Path(args.csv), csv_rows, fields)
+        write_rows_csv(Path(args.csv), rows)
     return 0
 
 
@@ -181,13 +179,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from .training.methods import accepted_options
 
     options = {m: accepted_options(m, abscert_options(args)) for m in methods}
-    table = compare(
-        base, methods, options, Path(args.out), verify_limit=args.limit,
-        force=args.force, data_root=args.data_root, verifiers=verifiers,
-        on_epoch_factory=lambda m: _epoch_logger(m, args.epochs), progress_factory=_progress,
-    )
+    table = compare(base, methods, options, Path(args.out), verify_limit=args.limit, force=args.force,
+                    data_root=args.data_root, verifiers=verifiers)
     print(table, end="")
-    print(f"\nrun directories and table.md / table.csv in {args.out}")
+    print(f"\nresults store (run directories under cells/*/run, logs/) and table.md / table.csv in {args.out}")
     return 0
 
 

@@ -44,11 +44,13 @@ def _floats(text: str) -> list[float]:
 
 
 def add_training_args(p: argparse.ArgumentParser, single_method: bool) -> None:
-    """Options shared by `train` and `demo`/`compare`."""
+    """Options shared by `train` and `demo`/`compare`; training defaults are TrainConfig's (training/config.py)."""
+    from .training.config import TRAIN_FIELD_DEFAULTS as D, field_default
+
     p.add_argument("--dataset", default="digits", help="dataset name (default: digits, embedded)")
     p.add_argument("--model", default="dm_small", help="architecture (fc3, fc5, dm_small, dm_medium, dm_large, "
                    "lenet5, cnn7, dm_small_bn, dm_medium_bn, resnet18, vgg11)")
-    p.add_argument("--activation", default="relu", help="relu, sigmoid or tanh")
+    p.add_argument("--activation", default=D["activation"], help="relu, sigmoid or tanh (default: %(default)s)")
     if single_method:
         p.add_argument("--method", default="abscert", help="natural, abscert, ibp, crown-ibp")
     else:
@@ -63,26 +65,32 @@ def add_training_args(p: argparse.ArgumentParser, single_method: bool) -> None:
                    "of abscert_bench/official.py) or given (use --epochs/--lr/--batch-size/--lr-schedule as given)")
     p.add_argument("--d-step", type=float, default=None, help="official candidate spacing (default 0.01)")
     p.add_argument("--variant", default="point", help="AbsCert abstraction: point (official code) or region")
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--grad-norm", type=float, default=0.0,
+    p.add_argument("--epochs", type=int, default=D["epochs"], help="(default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=D["batch_size"], help="(default: %(default)s)")
+    p.add_argument("--lr", type=float, default=D["lr"], help="(default: %(default)s)")
+    p.add_argument("--grad-norm", type=float, default=D["grad_norm"],
                    help="clip the gradient's L2 norm to this before each step (0 = off; IBP training of large nets "
-                        "usually wants ~10)")
-    p.add_argument("--warmup-epochs", type=int, default=1, help="IBP/CROWN-IBP epochs at eps = 0")
-    p.add_argument("--ramp-epochs", type=int, default=5, help="IBP/CROWN-IBP epochs of linear eps ramp-up")
-    p.add_argument("--kappa-end", type=float, default=0.5, help="final weight of the clean loss (IBP/CROWN-IBP "
-                   "with method option loss_mix = kappa; the default loss_mix = robust ignores it)")
-    p.add_argument("--lr-schedule", default="constant", help="constant, step (× --lr-decay after each of "
-                   "--lr-milestones) or cosine (to 0 over the epochs)")
-    p.add_argument("--lr-milestones", default="", help="comma-separated epochs for --lr-schedule step")
-    p.add_argument("--lr-decay", type=float, default=0.2, help="factor per milestone of --lr-schedule step")
-    p.add_argument("--lr-warmup-epochs", type=float, default=0.0, help="linear lr warm-up from 0, in epochs")
-    p.add_argument("--budget-s", type=float, default=0.0,
+                        "usually wants ~10; default: %(default)s)")
+    p.add_argument("--warmup-epochs", type=int, default=D["warmup_epochs"],
+                   help="IBP/CROWN-IBP epochs at eps = 0 (default: %(default)s)")
+    p.add_argument("--ramp-epochs", type=int, default=D["ramp_epochs"],
+                   help="IBP/CROWN-IBP epochs of linear eps ramp-up (default: %(default)s)")
+    p.add_argument("--kappa-end", type=float, default=D["kappa_end"], help="final weight of the clean loss "
+                   "(IBP/CROWN-IBP with method option loss_mix = kappa; the default loss_mix = robust ignores it; "
+                   "default: %(default)s)")
+    p.add_argument("--lr-schedule", default=D["lr_schedule"], help="constant, step (× --lr-decay after each of "
+                   "--lr-milestones) or cosine (to 0 over the epochs; default: %(default)s)")
+    p.add_argument("--lr-milestones", default=",".join(str(m) for m in D["lr_milestones"]),
+                   help="comma-separated epochs for --lr-schedule step")
+    p.add_argument("--lr-decay", type=float, default=D["lr_decay"],
+                   help="factor per milestone of --lr-schedule step (default: %(default)s)")
+    p.add_argument("--lr-warmup-epochs", type=float, default=D["lr_warmup_epochs"],
+                   help="linear lr warm-up from 0, in epochs (default: %(default)s)")
+    p.add_argument("--budget-s", type=float, default=D["budget_s"],
                    help="train for this many seconds of training time instead of --epochs (the schedules are "
-                        "stretched over the budget; --epochs sets only their proportions)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+                        "stretched over the budget; --epochs sets only their proportions; default: %(default)s)")
+    p.add_argument("--seed", type=int, default=field_default("seed"))
+    p.add_argument("--device", default=D["device"], help="cpu or cuda[:N] (default: %(default)s)")
     p.add_argument("--data-root", default=None, help="data directory (default: $ABSCERT_DATA or ./data)")
     p.add_argument("--force", action="store_true", help="overwrite existing run directories / results")
 
@@ -283,8 +291,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="instead: abscert-sound evidence (paper vs sound counts, per-stage time percentiles)")
     p.set_defaults(func=cmd_table)
 
+    from .training.config import TRAIN_FIELD_DEFAULTS
+
     for name, out, limit, epochs, verifiers, help_text in (
-        ("compare", None, None, 10, None, "train every method on the same data/model/eps, verify all, print the table"),
+        ("compare", None, None, TRAIN_FIELD_DEFAULTS["epochs"], None, "train every method on the same data/model/eps, verify all, print the table"),
         ("demo", "runs/demo", 200, 30, DEMO_VERIFIERS,
          "compare on the embedded digits (DM_Small, eps 0.1) in a few minutes"),
     ):
@@ -336,7 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="dm_small")
     p.add_argument("--eps", type=float, default=0.1)
     p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=TRAIN_FIELD_DEFAULTS["batch_size"])
     p.add_argument("--limit-train", type=int, default=None, help="use the first N training images")
     p.add_argument("--device", default="cpu")
     p.add_argument("--data-root", default=None)

@@ -190,3 +190,14 @@ def test_compare_runs_through_the_harness(tmp_path, capsys):
     assert (foreign / "notes.txt").read_text() == "keep"
     code, _, err = run_cli(capsys, *argv[:-1], str(tmp_path / "x"), "--eps", "1.5")
     assert_one_line_error(code, err, "eps must be in [0, 1]")
+
+
+def test_training_defaults_come_from_train_config():
+    from abscert_bench.training.config import TRAIN_FIELD_DEFAULTS, field_default
+
+    args = build_parser().parse_args(["train", "--out", "x"])
+    for name, default in TRAIN_FIELD_DEFAULTS.items():
+        if hasattr(args, name) and name != "lr_milestones":
+            assert getattr(args, name) == default, name
+    assert args.seed == field_default("seed") and args.lr_milestones == ""
+    assert build_parser().parse_args(["compare", "--out", "x"]).epochs == TRAIN_FIELD_DEFAULTS["epochs"]

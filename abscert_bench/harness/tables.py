@@ -42,7 +42,7 @@ def _meta(name: str):
 VERIFIER_GROUPS = ("abscert", "bound", "attack", "other")  # as abscert_bench.verify.base.VERIFIER_GROUPS
 
 
-def _group(*groups: str) -> list[str]:
+def verifier_group(*groups: str) -> list[str]:
     """Registered verifiers of these groups, in their registered order."""
     from ..verify.base import verifiers_in_group
 
@@ -278,7 +278,7 @@ def comparable_bounds(row: dict[str, Any]) -> list[str]:
     """The bound verifiers run on the row's full set of images (a verifier limited to a shorter prefix, such as
     α-CROWN on the first 10, is not compared with the others); all of them when no counts are recorded."""
     full = samples_of(row)
-    ran = [v for v in _group("bound") if row.get(f"{v}:verified_acc") is not None]
+    ran = [v for v in verifier_group("bound") if row.get(f"{v}:verified_acc") is not None]
     same = [v for v in ran if full is None or row.get(f"{v}:samples") in (None, full)]
     return same or ran
 
@@ -298,7 +298,7 @@ def comparisons(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for (dataset, model, eps), members in sorted(groups.items()):
         baselines = [r for r in members if kind(r) == "baseline" and verified_error(r, "best-bound") is not None]
         base = min(baselines, key=lambda r: (verified_error(r, "best-bound"), r["train_s_per_epoch"]), default=None)
-        for meaning in _group("abscert"):
+        for meaning in verifier_group("abscert"):
             candidates = [r for r in members if kind(r) == "abscert" and verified_error(r, meaning) is not None]
             if not candidates:
                 continue
@@ -335,7 +335,7 @@ def _num(value: float | None, digits: int = 2) -> str:
 
 def _meanings_present(rows: list[dict[str, Any]]) -> list[str]:
     present = {k.split(":")[0] for r in rows for k in r if k.endswith((":verified_acc", ":stopped"))}
-    return [m for m in _group("abscert", "bound", "other") if m in present]  # attacks are no column here
+    return [m for m in verifier_group("abscert", "bound", "other") if m in present]  # attacks are no column here
 
 
 def samples_of(row: dict[str, Any]) -> int | None:
@@ -570,7 +570,7 @@ def scalability_rows(store_root: str | Path) -> list[dict[str, Any]]:
 
 def scalability_markdown(rows: list[dict[str, Any]]) -> str:
     """Scalability: per model and method, cost of training and verification and where each method stops."""
-    verifiers = [m for m in _group(*VERIFIER_GROUPS) if any(f"{m}:ms_per_sample" in r or f"{m}:stopped" in r
+    verifiers = [m for m in verifier_group(*VERIFIER_GROUPS) if any(f"{m}:ms_per_sample" in r or f"{m}:stopped" in r
                                                              for r in rows)]
     headers = ["dataset", "model", "parameters", "method", "status", "train s/epoch", "train peak RSS MiB"] + \
         [f"{_meta(v).title} ms/sample" for v in verifiers] + ["stops at"]

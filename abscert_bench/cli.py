@@ -45,7 +45,8 @@ def _floats(text: str) -> list[float]:
 
 def add_training_args(p: argparse.ArgumentParser, single_method: bool) -> None:
     """Options shared by `train` and `demo`/`compare`; training defaults are TrainConfig's (training/config.py)."""
-    from .training.config import TRAIN_FIELD_DEFAULTS as D, field_default
+    from .training.config import TRAIN_FIELD_DEFAULTS as D
+    from .training.config import field_default
 
     p.add_argument("--dataset", default="digits", help="dataset name (default: digits, embedded)")
     p.add_argument("--model", default="dm_small", help="architecture (fc3, fc5, dm_small, dm_medium, dm_large, "

@@ -101,7 +101,7 @@ def compare(
     report = run_suite(spec, out, force=force, data_root=data_root, progress=progress)
     unfinished = {cell_id: r for cell_id, r in report.ran.items() if r["status"] != "done"}
     if unfinished:
-        cell_id, result = sorted(unfinished.items())[0]
+        cell_id, result = min(unfinished.items())
         raise UserError(f"{len(unfinished)} of {report.total} runs did not finish; {cell_id}: {result['status']}: "
                         f"{result.get('error') or result.get('reason', '')} (log: {out / 'logs' / (cell_id + '.log')})")
     rows = load_rows(out)

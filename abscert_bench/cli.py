@@ -45,11 +45,14 @@ def _floats(text: str) -> list[float]:
 
 
 def add_training_args(p: argparse.ArgumentParser, single_method: bool) -> None:
-    """Options shared by `train` and `demo`/`compare`."""
+    """Options shared by `train` and `demo`/`compare`; training defaults are TrainConfig's (training/config.py)."""
+    from .training.config import TRAIN_FIELD_DEFAULTS as D
+    from .training.config import field_default
+
     p.add_argument("--dataset", default="digits", help="dataset name (default: digits, embedded)")
     p.add_argument("--model", default="dm_small", help="architecture (fc3, fc5, dm_small, dm_medium, dm_large, "
                    "lenet5, cnn7, dm_small_bn, dm_medium_bn, resnet18, vgg11)")
-    p.add_argument("--activation", default="relu", help="relu, sigmoid or tanh")
+    p.add_argument("--activation", default=D["activation"], help="relu, sigmoid or tanh (default: %(default)s)")
     if single_method:
         p.add_argument("--method", default="abscert", help="natural, abscert, ibp, crown-ibp")
     else:
@@ -64,26 +67,32 @@ def add_training_args(p: argparse.ArgumentParser, single_method: bool) -> None:
                    "of abscert_bench/official.py) or given (use --epochs/--lr/--batch-size/--lr-schedule as given)")
     p.add_argument("--d-step", type=float, default=None, help="official candidate spacing (default 0.01)")
     p.add_argument("--variant", default="point", help="AbsCert abstraction: point (official code) or region")
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--grad-norm", type=float, default=0.0,
+    p.add_argument("--epochs", type=int, default=D["epochs"], help="(default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=D["batch_size"], help="(default: %(default)s)")
+    p.add_argument("--lr", type=float, default=D["lr"], help="(default: %(default)s)")
+    p.add_argument("--grad-norm", type=float, default=D["grad_norm"],
                    help="clip the gradient's L2 norm to this before each step (0 = off; IBP training of large nets "
-                        "usually wants ~10)")
-    p.add_argument("--warmup-epochs", type=int, default=1, help="IBP/CROWN-IBP epochs at eps = 0")
-    p.add_argument("--ramp-epochs", type=int, default=5, help="IBP/CROWN-IBP epochs of linear eps ramp-up")
-    p.add_argument("--kappa-end", type=float, default=0.5, help="final weight of the clean loss (IBP/CROWN-IBP "
-                   "with method option loss_mix = kappa; the default loss_mix = robust ignores it)")
-    p.add_argument("--lr-schedule", default="constant", help="constant, step (× --lr-decay after each of "
-                   "--lr-milestones) or cosine (to 0 over the epochs)")
-    p.add_argument("--lr-milestones", default="", help="comma-separated epochs for --lr-schedule step")
-    p.add_argument("--lr-decay", type=float, default=0.2, help="factor per milestone of --lr-schedule step")
-    p.add_argument("--lr-warmup-epochs", type=float, default=0.0, help="linear lr warm-up from 0, in epochs")
-    p.add_argument("--budget-s", type=float, default=0.0,
+                        "usually wants ~10; default: %(default)s)")
+    p.add_argument("--warmup-epochs", type=int, default=D["warmup_epochs"],
+                   help="IBP/CROWN-IBP epochs at eps = 0 (default: %(default)s)")
+    p.add_argument("--ramp-epochs", type=int, default=D["ramp_epochs"],
+                   help="IBP/CROWN-IBP epochs of linear eps ramp-up (default: %(default)s)")
+    p.add_argument("--kappa-end", type=float, default=D["kappa_end"], help="final weight of the clean loss "
+                   "(IBP/CROWN-IBP with method option loss_mix = kappa; the default loss_mix = robust ignores it; "
+                   "default: %(default)s)")
+    p.add_argument("--lr-schedule", default=D["lr_schedule"], help="constant, step (× --lr-decay after each of "
+                   "--lr-milestones) or cosine (to 0 over the epochs; default: %(default)s)")
+    p.add_argument("--lr-milestones", default=",".join(str(m) for m in D["lr_milestones"]),
+                   help="comma-separated epochs for --lr-schedule step")
+    p.add_argument("--lr-decay", type=float, default=D["lr_decay"],
+                   help="factor per milestone of --lr-schedule step (default: %(default)s)")
+    p.add_argument("--lr-warmup-epochs", type=float, default=D["lr_warmup_epochs"],
+                   help="linear lr warm-up from 0, in epochs (default: %(default)s)")
+    p.add_argument("--budget-s", type=float, default=D["budget_s"],
                    help="train for this many seconds of training time instead of --epochs (the schedules are "
-                        "stretched over the budget; --epochs sets only their proportions)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+                        "stretched over the budget; --epochs sets only their proportions; default: %(default)s)")
+    p.add_argument("--seed", type=int, default=field_default("seed"))
+    p.add_argument("--device", default=D["device"], help="cpu or cuda[:N] (default: %(default)s)")
     p.add_argument("--data-root", default=None, help="data directory (default: $ABSCERT_DATA or ./data)")
     p.add_argument("--force", action="store_true", help="overwrite existing run directories / results")
 
@@ -154,8 +163,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_table(args: argparse.Namespace) -> int:
-    from .rundir import write_csv
-    from .table import collect, to_csv_rows, to_markdown
+    from .harness.tables import collect, runs_markdown, write_rows_csv
 
     if args.sound_stages:
         from .sound_report import sound_report
@@ -166,10 +174,9 @@ def cmd_table(args: argparse.Namespace) -> int:
         print(sound_report(dirs), end="")
         return 0
     rows = collect([Path(p) for p in args.runs])
-    print(to_markdown(rows), end="")
+    print(runs_markdown(rows), end="")
     if args.csv:
-        csv_rows, fields = to_csv_rows(rows)
-        write_csv(Path(args.csv), csv_rows, fields)
+        write_rows_csv(Path(args.csv), rows)
     return 0
 
 
@@ -182,13 +189,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from .training.methods import accepted_options
 
     options = {m: accepted_options(m, abscert_options(args)) for m in methods}
-    table = compare(
-        base, methods, options, Path(args.out), verify_limit=args.limit,
-        force=args.force, data_root=args.data_root, verifiers=verifiers,
-        on_epoch_factory=lambda m: _epoch_logger(m, args.epochs), progress_factory=_progress,
-    )
+    table = compare(base, methods, options, Path(args.out), verify_limit=args.limit, force=args.force,
+                    data_root=args.data_root, verifiers=verifiers)
     print(table, end="")
-    print(f"\nrun directories and table.md / table.csv in {args.out}")
+    print(f"\nresults store (run directories under cells/*/run, logs/) and table.md / table.csv in {args.out}")
     return 0
 
 
@@ -289,8 +293,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="instead: abscert-sound evidence (paper vs sound counts, per-stage time percentiles)")
     p.set_defaults(func=cmd_table)
 
+    from .training.config import TRAIN_FIELD_DEFAULTS
+
     for name, out, limit, epochs, verifiers, help_text in (
-        ("compare", None, None, 10, None, "train every method on the same data/model/eps, verify all, print the table"),
+        ("compare", None, None, TRAIN_FIELD_DEFAULTS["epochs"], None,
+         "train every method on the same data/model/eps, verify all, print the table"),
         ("demo", "runs/demo", 200, 30, DEMO_VERIFIERS,
          "compare on the embedded digits (DM_Small, eps 0.1) in a few minutes"),
     ):
@@ -342,7 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="dm_small")
     p.add_argument("--eps", type=float, default=0.1)
     p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=TRAIN_FIELD_DEFAULTS["batch_size"])
     p.add_argument("--limit-train", type=int, default=None, help="use the first N training images")
     p.add_argument("--device", default="cpu")
     p.add_argument("--data-root", default=None)

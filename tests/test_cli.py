@@ -157,3 +157,47 @@ def test_verify_memory_budget(tmp_path, capsys, monkeypatch):
     assert code == 0
     summary = json.loads(next(run.glob("verify/*/crown.json")).read_text())
     assert summary["verified"] == 0 and summary["unknown"] + summary["falsified"] == 5
+
+
+def test_compare_runs_through_the_harness(tmp_path, capsys):
+    """compare: a results store in --out with table.md / table.csv; a rerun resumes it, --force replaces it, a
+    folder the tool did not write is refused."""
+    out = tmp_path / "cmp"
+    argv = ["compare", "--methods", "natural,abscert", "--model", "fc3", "--epochs", "1", "--limit", "6",
+            "--verifiers", "abscert-paper,ibp", "--out", str(out)]
+    code, text, _ = run_cli(capsys, *argv)
+    assert code == 0 and "AbsCert paper check (not sound)" in text and "IBP bound" in text
+    assert (out / "table.md").read_text() in text and (out / "suite.json").exists()
+    assert (out / "table.csv").read_text().startswith("dataset,model,eps,method,run")
+    assert {p.name for p in (out / "cells").iterdir()} == {"digits_fc3_eps0.1_natural_s0",
+                                                           "digits_fc3_eps0.1_abscert_s0"}
+    from abscert_bench.harness.spec import load_spec
+
+    assert len(load_spec(out / "spec.toml").cells) == 2  # the store's spec.toml is a spec of its own
+    checkpoint = out / "cells" / "digits_fc3_eps0.1_natural_s0" / "run" / "checkpoint.pt"
+    before = checkpoint.read_bytes()
+    assert run_cli(capsys, *argv)[0] == 0 and checkpoint.read_bytes() == before  # resumed: nothing retrained
+    code, _, err = run_cli(capsys, *argv[:-1], str(out), "--seed", "3")
+    assert_one_line_error(code, err, "incompatible", "--force")
+    assert run_cli(capsys, *argv, "--seed", "3", "--force")[0] == 0
+    assert (out / "cells" / "digits_fc3_eps0.1_natural_s3").exists()
+    assert not (out / "cells" / "digits_fc3_eps0.1_natural_s0").exists()
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep")
+    code, _, err = run_cli(capsys, *argv[:-1], str(foreign), "--force")
+    assert_one_line_error(code, err, "not a suite results store")
+    assert (foreign / "notes.txt").read_text() == "keep"
+    code, _, err = run_cli(capsys, *argv[:-1], str(tmp_path / "x"), "--eps", "1.5")
+    assert_one_line_error(code, err, "eps must be in [0, 1]")
+
+
+def test_training_defaults_come_from_train_config():
+    from abscert_bench.training.config import TRAIN_FIELD_DEFAULTS, field_default
+
+    args = build_parser().parse_args(["train", "--out", "x"])
+    for name, default in TRAIN_FIELD_DEFAULTS.items():
+        if hasattr(args, name) and name != "lr_milestones":
+            assert getattr(args, name) == default, name
+    assert args.seed == field_default("seed") and args.lr_milestones == ""
+    assert build_parser().parse_args(["compare", "--out", "x"]).epochs == TRAIN_FIELD_DEFAULTS["epochs"]

@@ -332,32 +332,31 @@ def test_export_and_run_back_with_normalize(tmp_path):
 
 # -- tables, CLI, spec -------------------------------------------------------------------------------------------------
 def test_tables_show_both_units_and_the_test_selection_mark(protocol_runs):
-    from abscert_bench.harness.tables import to_latex
+    from abscert_bench.harness.tables import collect, rows_frame, runs_markdown, to_latex
     from abscert_bench.harness.tables import to_markdown as harness_markdown
-    from abscert_bench.table import collect, to_csv_rows, to_markdown
 
     _, runs = protocol_runs
     rows = collect([runs["official"].parent])
-    text = to_markdown(rows)
+    text = runs_markdown(rows)
     official = next(line for line in text.splitlines() if "(official," in line)
     clean = next(line for line in text.splitlines() if "(clean," in line)
     assert "| 0.05 (paper 0.1) |" in official and "†" in official and "†" not in clean
     assert "| 0.05 (paper 0.1) |" in clean and "selected on the test set" in text
-    csv_rows, fields = to_csv_rows(rows)
-    assert fields[:7] == ["dataset", "model", "eps", "paper_eps", "protocol", "selection", "method"]
-    assert {r["selection"] for r in csv_rows} == {"test", "validation"}
+    frame = rows_frame(rows)
+    assert list(frame.columns[:7]) == ["dataset", "model", "eps", "paper_eps", "protocol", "selection", "method"]
+    assert set(frame["selection"]) == {"test", "validation"}
     labelled = [{**r, "label": r["method"], "seed": 0} for r in rows]
     assert "0.05 (paper 0.1)" in harness_markdown(labelled) and "†" in harness_markdown(labelled)
     assert r"$^\dagger$" in to_latex(labelled) and "0.05 (paper 0.1)" in to_latex(labelled)
 
 
 def test_pixel_rows_unchanged(runs):
-    from abscert_bench.table import collect, to_csv_rows, to_markdown
+    from abscert_bench.harness.tables import collect, rows_frame, runs_markdown
 
     rows = collect([runs["abscert"]])
     assert "protocol" not in rows[0] and "paper_eps" not in rows[0]
-    assert "paper" not in to_markdown(rows).split("\n")[2] and "†" not in to_markdown(rows)
-    assert "paper_eps" not in to_csv_rows(rows)[1]
+    assert "paper" not in runs_markdown(rows).split("\n")[2] and "†" not in runs_markdown(rows)
+    assert "paper_eps" not in rows_frame(rows).columns
 
 
 def test_spec_accepts_official_without_d_and_refuses_d():

@@ -4,7 +4,7 @@ Longest-processing-time-first list scheduling keeps a few expensive cells (CROWN
 large model) from starting last and leaving the other workers idle at the end of a suite. The estimate only
 has to order cells, not predict seconds: it is the multiply-accumulates of one forward pass of the model
 (counted once per (model, input shape) with forward hooks) times per-image work factors for training and for
-each verifier, measured once on the embedded digits (see `TRAIN_FACTORS`, `VERIFY_FACTORS`).
+each verifier, measured once on the embedded digits (see `TRAIN_FACTORS`, and each verifier's registered `cost`).
 """
 from __future__ import annotations
 
@@ -19,9 +19,8 @@ NOMINAL_SHAPES: dict[str, tuple[int, int, int]] = {
 # CROWN-IBP ~10-50x during the eps ramp and IBP-like after it).
 TRAIN_FACTORS = {"natural": 1.0, "abscert": 1.0, "ibp": 3.0, "crown-ibp": 3.0}
 RAMP_FACTORS = {"crown-ibp": 6.0}  # with loss fusion (the default): ~6x natural; unfused ~27x
-# Work per verified sample, in the same unit (one natural training image-epoch); measured on DM_Small, digits.
-VERIFY_FACTORS = {"abscert-paper": 1.0, "abscert-sound": 400.0, "ibp": 6.0, "crown": 300.0, "alpha-crown": 5000.0,
-                  "pgd": 50.0}
+# Work per verified sample, in the same unit (one natural training image-epoch; measured on DM_Small, digits), is
+# each verifier's `cost` in its registration (abscert_bench.verification.base.VerifierMeta).
 ABSCERT_SEARCH_FRACTION = 0.9  # the granularity search trains each candidate on 90 % of the training split
 
 
@@ -56,7 +55,7 @@ def estimate_cell_cost(params: dict[str, Any], train_images: int = 2000) -> floa
     """Relative cost of a cell (train + every verifier); only the order between cells is meaningful."""
     from types import SimpleNamespace
 
-    from ..verification.base import create_verifier
+    from ..verification.base import create_verifier, verifier_meta
     from .spec import VERIFIER_LIMIT, cell_method
 
     abstraction = cell_method(params).abstraction()
@@ -78,6 +77,6 @@ def estimate_cell_cost(params: dict[str, Any], train_images: int = 2000) -> floa
     if isinstance(grid, list) and len(grid) > 1:
         per_image *= 1 + ABSCERT_SEARCH_FRACTION * len(grid)
     samples = int(verify["limit"])
-    per_sample = sum(VERIFY_FACTORS.get(name, 100.0) * min(samples, int(verify["options"].get(name, {}).get(
+    per_sample = sum(verifier_meta(name).cost * min(samples, int(verify["options"].get(name, {}).get(
         VERIFIER_LIMIT, samples))) for name in verify["verifiers"] if create_verifier(name).applies_to(model_kind))
     return macs * (3.0 * images * per_image + per_sample)

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from ..rundir import read_csv, read_json
-from .tables import aggregate, kind, verified_error
+from .tables import aggregate, kind, verified_error, verifier_group
 
 
 def _pyplot():
@@ -48,7 +48,7 @@ def plot_error_vs_eps(rows: list[dict[str, Any]], out_dir: Path) -> list[Path]:
     for dataset, model in panels:
         series = all_series.setdefault((dataset, model), {})
         for r in (r for r in rows if (r["dataset"], r["model"]) == (dataset, model)):
-            meanings = ["abscert-paper", "abscert-sound"] if kind(r) == "abscert" else ["best-bound"]
+            meanings = verifier_group("abscert") if kind(r) == "abscert" else ["best-bound"]
             for meaning in meanings:
                 error = verified_error(r, meaning)
                 if error is None:

@@ -1,36 +1,201 @@
-"""Paper-style comparison tables (Markdown and LaTeX/booktabs) from a suite store or from run directories.
+"""Comparison tables (Markdown, CSV, LaTeX/booktabs) from run directories or a suite store: the one table module.
 
-Rows come from `abscert_bench.table.collect` (one per run and verified eps); this module only groups them
-(mean over seeds), turns accuracies into errors and compares AbsCert with the best baseline:
+Rows come from `collect` (one per run directory and verified eps). Two renderings:
 
-* a **baseline** is any trained method other than `natural` and AbsCert; its verified error is the lowest
-  over the sound bound verifiers run on it (IBP, CROWN, α-CROWN — all sound, so the tightest one counts);
-  the best baseline of a (dataset, model, eps) is the one with the lowest such error;
-* for each AbsCert meaning — `abscert-paper` (the published, unsound check) and `abscert-sound` — the best
-  AbsCert row under that meaning is compared with the best baseline:
-  relative reduction = (E_baseline − E_abscert) / E_baseline, speed-up = baseline s/epoch ÷ AbsCert s/epoch.
-  A bound verifier run on fewer images than the row (a per-verifier `limit`) is left out of that minimum.
+* the **run-directory table** (`abscert-bench table`, `compare`, `demo`): `runs_markdown` and `write_rows_csv`,
+  one row per (run, eps), accuracies in %, each verifier under its long title (its meaning);
+* the **paper tables** (`abscert-bench run`, `run-table`): `to_markdown` and `to_latex` group the rows (mean over
+  seeds), turn accuracies into errors and compare AbsCert with the best baseline:
+
+  * a **baseline** is any trained method other than `natural` and AbsCert; its verified error is the lowest
+    over the sound bound verifiers run on it (group `bound`: IBP, CROWN, α-CROWN — all sound, so the tightest
+    one counts); the best baseline of a (dataset, model, eps) is the one with the lowest such error;
+  * for each AbsCert meaning (group `abscert`: `abscert-paper`, the published, unsound check, and
+    `abscert-sound`) the best AbsCert row under that meaning is compared with the best baseline:
+    relative reduction = (E_baseline − E_abscert) / E_baseline, speed-up = baseline s/epoch ÷ AbsCert s/epoch.
+    A bound verifier run on fewer images than the row (a per-verifier `limit`) is left out of that minimum.
+
+Verifier titles, column order and groups are the verifiers' registered metadata (`VERIFIERS.meta(name)`,
+abscert_bench.verification.base.VerifierMeta), declared where each verifier is registered.
 """
 from __future__ import annotations
 
+import json
 import math
+import os
 import statistics
 from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
-from ..official import TEST_SELECTION_MARK, format_eps, mark_label, table_notes
-from ..table import collect
-
-MEANINGS = ["abscert-paper", "abscert-sound", "ibp", "crown", "alpha-crown"]
-BOUND_VERIFIERS = ["ibp", "crown", "alpha-crown"]
-ABSCERT_MEANINGS = ["abscert-paper", "abscert-sound"]
-TITLES = {"abscert-paper": "AbsCert paper", "abscert-sound": "AbsCert sound", "ibp": "IBP", "crown": "CROWN",
-          "alpha-crown": "α-CROWN"}
-LATEX_TITLES = {**TITLES, "alpha-crown": r"$\alpha$-CROWN"}
+from ..official import TEST_SELECTION_MARK, format_eps, mark_label, paper_eps, table_notes
+from ..rundir import read_csv, read_json
 
 
-# -- rows -----------------------------------------------------------------------------------------------------------
+def _meta(name: str):
+    """The registered metadata of verifier `name` (defaults for a cascade); registers the built-ins first."""
+    from ..verification.base import verifier_meta
+
+    return verifier_meta(name)
+
+
+VERIFIER_GROUPS = ("abscert", "bound", "attack", "other")  # as abscert_bench.verification.base.VERIFIER_GROUPS
+
+
+def verifier_group(*groups: str) -> list[str]:
+    """Registered verifiers of these groups, in their registered order."""
+    from ..verification.base import verifiers_in_group
+
+    return verifiers_in_group(*groups)
+
+
+# -- rows from run directories --------------------------------------------------------------------------------------
+def find_runs(paths: list[Path]) -> list[Path]:
+    """Run directories (holding config.json) at or below the given paths, sorted."""
+    runs: set[Path] = set()
+    for path in paths:
+        if not path.exists():
+            raise UserError(f"no such run directory {path}")
+        if (path / "config.json").exists():
+            runs.add(path)
+        runs.update(p.parent for p in path.rglob("config.json") if (p.parent / "metrics.csv").exists())
+    if not runs:
+        raise UserError(f"no run directories (with config.json and metrics.csv) under {', '.join(map(str, paths))}")
+    return sorted(runs)
+
+
+def run_rows(run_dir: Path) -> list[dict[str, Any]]:
+    """Table rows of one run: one per verified eps (or one without verification)."""
+    config = read_json(run_dir / "config.json")
+    metrics = read_csv(run_dir / "metrics.csv")
+    epoch_times = [float(m["train_time_s"]) for m in metrics]
+    options = config.get("method_options") or {}
+    protocol = config.get("protocol", "pixel")
+    if protocol != "pixel":  # official / clean: our pixel d = 1/K and the paper's cell width 2/K
+        cells = int(config["cells"])
+        method = f"{config['method']} ({protocol}, d={options['d']:.4g}=1/{cells}, paper η {2 / cells:.3g})"
+    else:
+        method = config["method"] + (f" (d={options['d']:g}, {options.get('variant', 'point')})"
+                                     if "d" in options else "")
+    selected = [m for m in metrics if str(m.get("selected", "")) == "1"]  # the deployed epoch (protocol runs)
+    final = selected[0] if selected else (metrics[-1] if metrics else None)
+    base = {
+        "run": run_dir.name, "dataset": config["dataset"], "model": config["model"], "method": method,
+        "train_eps": config["eps"], "epochs": len(metrics),
+        "clean_acc": float(final["test_acc"]) if final else float("nan"),
+        "train_s_per_epoch": statistics.mean(epoch_times) if epoch_times else float("nan"),
+        "train_s": sum(epoch_times), "budget_s": float(config.get("budget_s") or 0.0),
+    }
+    if protocol != "pixel":
+        base.update({"protocol": protocol, "selection": config.get("selection", "")})
+    verify_root = run_dir / "verify"
+    eps_dirs = sorted(verify_root.glob("eps=*")) if verify_root.exists() else []
+    if not eps_dirs:
+        return [{**base, "eps": config["eps"],
+                 **({"paper_eps": paper_eps(config["eps"])} if protocol != "pixel" else {})}]
+    rows = []
+    for eps_dir in eps_dirs:
+        fields = dict(part.split("=", 1) for part in eps_dir.name.split(","))
+        row = {**base, "eps": float(fields["eps"])}
+        if protocol != "pixel":
+            row["paper_eps"] = paper_eps(row["eps"])
+        for summary_path in sorted(eps_dir.glob("*.json")):
+            summary = json.loads(summary_path.read_text())
+            name = summary["verifier"]
+            row[f"{name}:samples"] = summary["samples"]
+            row[f"{name}:verified_acc"] = (1 - summary["falsified_fraction"]) if summary.get("attack_only") \
+                else summary["verified_fraction"]
+            row[f"{name}:falsified"] = summary["falsified"]
+            row[f"{name}:unknown"] = summary["unknown"]
+            row[f"{name}:ms_per_sample"] = 1000 * summary["time_mean_s"]
+        row.update(paper_vs_sound(eps_dir))
+        rows.append(row)
+    return rows
+
+
+def paper_vs_sound(eps_dir: Path) -> dict[str, Any]:
+    """Count of samples the paper check accepts but abscert-sound falsifies (when both were run)."""
+    paper, sound = eps_dir / "abscert-paper.csv", eps_dir / "abscert-sound.csv"
+    if not (paper.exists() and sound.exists()):
+        return {}
+    accepted = {r["index"] for r in read_csv(paper) if r["status"] == "verified"}
+    falsified = {r["index"] for r in read_csv(sound) if r["status"] == "falsified"}
+    return {"paper_accepted_sound_falsified": len(accepted & falsified)}
+
+
+def collect(paths: list[Path]) -> list[dict[str, Any]]:
+    """All rows of all runs under `paths`."""
+    return [row for run in find_runs(paths) for row in run_rows(run)]
+
+
+def verifier_columns(rows: list[dict[str, Any]]) -> list[str]:
+    """Verifier names present in the rows, in their registered order (cascades and unregistered ones last)."""
+    from ..verification.base import VERIFIERS, all_verifier_names
+
+    all_verifier_names()
+    return VERIFIERS.ordered(key.split(":samples")[0] for row in rows for key in row if key.endswith(":samples"))
+
+
+# -- the run-directory table (`table`, `compare`) -------------------------------------------------------------------
+def _pct_or_blank(value: Any) -> str:
+    return "" if value is None or value == "" else f"{100 * float(value):.1f}"
+
+
+def runs_markdown(rows: list[dict[str, Any]]) -> str:
+    """A Markdown table of run-directory rows: accuracies in %, with each verifier's mean ms/sample beside it."""
+    verifiers = verifier_columns(rows)
+    headers = ["dataset", "model", "eps", "method", "samples", "clean acc %"]
+    headers += [f"{_meta(v).long_title} % (ms/sample)" for v in verifiers]
+    has_gap = any("paper_accepted_sound_falsified" in r for r in rows)
+    if has_gap:
+        headers.append("paper-accepted, sound-falsified")
+    headers.append("train s/epoch")
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    def largest_sample(row: dict[str, Any]) -> int:
+        return max((row[k] for k in row if k.endswith(":samples")), default=0)
+
+    for row in sorted(rows, key=lambda r: (r["dataset"], r["model"], r["eps"], r["method"], largest_sample(r))):
+        samples = largest_sample(row) or "–"
+        cells = [row["dataset"], row["model"], format_eps(row["eps"], row.get("protocol")),
+                 mark_label(row["method"], row), str(samples), _pct_or_blank(row["clean_acc"])]
+        for v in verifiers:
+            if f"{v}:samples" in row:
+                cells.append(f"{_pct_or_blank(row[f'{v}:verified_acc'])} ({row[f'{v}:ms_per_sample']:.1f})")
+            else:
+                cells.append("–")
+        if has_gap:
+            cells.append(str(row.get("paper_accepted_sound_falsified", "–")))
+        cells.append(f"{row['train_s_per_epoch']:.2f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    notes = ["", "Clean accuracy is on the whole test split; verifier columns on the first `samples` test images "
+             "(a run verified on several prefixes has one row each). "
+             "Meanings: "
+             + "; ".join(f"**{_meta(v).long_title}**" for v in verifiers) + " (see README).",
+             "PGD can only falsify: its column is the attack's accuracy, an upper bound on robust accuracy."]
+    notes += table_notes(rows)
+    return "\n".join(lines + notes) + "\n"
+
+
+def rows_frame(rows: list[dict[str, Any]]):
+    """The rows as a pandas DataFrame, fixed columns first (then the others by name); a cell a row lacks is ''."""
+    import pandas as pd
+
+    fixed = ["dataset", "model", "eps", "method", "run", "train_eps", "epochs", "clean_acc", "train_s_per_epoch"]
+    if any("protocol" in r for r in rows):  # official / clean rows: eps in the paper's units beside it, and selection
+        fixed[3:3] = ["paper_eps", "protocol", "selection"]
+    columns = fixed + sorted({k for r in rows for k in r} - set(fixed))
+    return pd.DataFrame([[r.get(c, "") for c in columns] for r in rows], columns=columns, dtype=object)
+
+
+def write_rows_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    """The rows as CSV (`rows_frame`), written atomically."""
+    text = rows_frame(rows).to_csv(index=False, na_rep="nan", lineterminator="\r\n")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, newline="")
+    os.replace(tmp, path)
+
+
+# -- the paper tables (`run`, `run-table`): rows of a store ------------------------------------------------------
 def load_rows(path: str | Path) -> list[dict[str, Any]]:
     """Rows of a suite store (complete cells, annotated with the spec's labels and seeds) or of run directories."""
     path = Path(path)
@@ -113,7 +278,7 @@ def comparable_bounds(row: dict[str, Any]) -> list[str]:
     """The bound verifiers run on the row's full set of images (a verifier limited to a shorter prefix, such as
     α-CROWN on the first 10, is not compared with the others); all of them when no counts are recorded."""
     full = samples_of(row)
-    ran = [v for v in BOUND_VERIFIERS if row.get(f"{v}:verified_acc") is not None]
+    ran = [v for v in verifier_group("bound") if row.get(f"{v}:verified_acc") is not None]
     same = [v for v in ran if full is None or row.get(f"{v}:samples") in (None, full)]
     return same or ran
 
@@ -133,7 +298,7 @@ def comparisons(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for (dataset, model, eps), members in sorted(groups.items()):
         baselines = [r for r in members if kind(r) == "baseline" and verified_error(r, "best-bound") is not None]
         base = min(baselines, key=lambda r: (verified_error(r, "best-bound"), r["train_s_per_epoch"]), default=None)
-        for meaning in ABSCERT_MEANINGS:
+        for meaning in verifier_group("abscert"):
             candidates = [r for r in members if kind(r) == "abscert" and verified_error(r, meaning) is not None]
             if not candidates:
                 continue
@@ -171,7 +336,7 @@ def _num(value: float | None, digits: int = 2) -> str:
 
 def _meanings_present(rows: list[dict[str, Any]]) -> list[str]:
     present = {k.split(":")[0] for r in rows for k in r if k.endswith((":verified_acc", ":stopped"))}
-    return [m for m in MEANINGS if m in present]
+    return [m for m in verifier_group("abscert", "bound", "other") if m in present]  # attacks are no column here
 
 
 def samples_of(row: dict[str, Any]) -> int | None:
@@ -216,7 +381,7 @@ def to_markdown(rows: list[dict[str, Any]]) -> str:
     rows = aggregate(rows)
     meanings = _meanings_present(rows)
     headers = ["dataset", "model", "ε", "method", "seeds", "clean err %", "verified on"] + \
-        [f"{TITLES[m]} err % (ms/sample)" for m in meanings] + ["paper ✓ / sound ✗", "train s/epoch"]
+        [f"{_meta(m).title} err % (ms/sample)" for m in meanings] + ["paper ✓ / sound ✗", "train s/epoch"]
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     for row in rows:
         n = samples_of(row)
@@ -248,9 +413,10 @@ def summary_markdown(rows: list[dict[str, Any]]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     for e in entries:
         lines.append("| " + " | ".join([
-            e["dataset"], e["model"], format_eps(e["eps"], e.get("protocol")), TITLES[e["meaning"]], e["abscert"],
+            e["dataset"], e["model"], format_eps(e["eps"], e.get("protocol")), _meta(e["meaning"]).title, e["abscert"],
             _pct(e["abscert_error"]),
-            f"{e['baseline']} ({TITLES.get(e['baseline_verifier'] or '', '–')})" if e["baseline"] else "–",
+            f"{e['baseline']} ({_meta(e['baseline_verifier']).title if e['baseline_verifier'] else '–'})"
+            if e["baseline"] else "–",
             _pct(e["baseline_clean_error"]), _pct(e["baseline_error"]), _pct(e["reduction"]),
             _num(e["abscert_s_per_epoch"]),
             _num(e["baseline_s_per_epoch"]), _num(e["speedup"]),
@@ -302,52 +468,80 @@ def latex_escape(text: str) -> str:
     return "".join(_LATEX_ESCAPES.get(ch, ch) for ch in str(text))
 
 
+def latex_title(name: str) -> str:
+    """Verifier `name`'s LaTeX title (its registered `latex_title`, else its title escaped)."""
+    meta = _meta(name)
+    return meta.latex_title or latex_escape(meta.title)
+
+
+def booktabs(columns: list[tuple[str, str]], body: list[list[str]], column_format: str,
+             underline: tuple[str, ...] = (), breaks: tuple[int, ...] = ()) -> list[str]:
+    r"""A booktabs tabular rendered by pandas' Styler from cells that are LaTeX already: two header rows from the
+    (group, title) columns, a \cmidrule under each group in `underline`, a \midrule before each row in `breaks`."""
+    import pandas as pd
+
+    frame = pd.DataFrame(body, columns=pd.MultiIndex.from_tuples(columns), dtype=object)
+    lines = frame.style.hide(axis="index").to_latex(
+        hrules=True, column_format=column_format, multicol_align="c").rstrip("\n").split("\n")
+    assert lines[1] == r"\toprule" and lines[4] == r"\midrule", lines[:5]  # \begin, \toprule, 2 header rows
+    rules, start = "", 0
+    while start < len(columns):
+        stop = start
+        while stop + 1 < len(columns) and columns[stop + 1][0] == columns[start][0]:
+            stop += 1
+        if columns[start][0] in underline:
+            rules += rf"\cmidrule(lr){{{start + 1}-{stop + 1}}}"
+        start = stop + 1
+    body_lines = lines[5:-2]
+    rows = [line for i, row in enumerate(body_lines) for line in ([r"\midrule"] if i in breaks else []) + [row]]
+    return lines[:3] + ([rules] if rules else []) + lines[3:5] + rows + lines[-2:]
+
+
 def to_latex(rows: list[dict[str, Any]]) -> str:
     """Both tables as LaTeX tabulars with booktabs rules (\\usepackage{booktabs})."""
     rows = aggregate(rows)
     meanings = _meanings_present(rows)
-    n = len(meanings)
-    out = [r"% generated by abscert-bench run-table; needs \usepackage{booktabs}",
-           r"\begin{tabular}{llrl r" + " r" * n + " r r}", r"\toprule",
-           r" & & & & \multicolumn{1}{c}{clean} & \multicolumn{" + str(n) +
-           r"}{c}{verified error \% (ms/sample)} & paper$\checkmark$ & train \\",
-           r"\cmidrule(lr){6-" + str(5 + n) + "}",
-           "Dataset & Model & $\\epsilon$ & Method & err \\% & " +
-           " & ".join(LATEX_TITLES[m] for m in meanings) + r" & sound$\times$ & s/epoch \\", r"\midrule"]
+    verified = r"verified error \% (ms/sample)"
+    columns = [("", "Dataset"), ("", "Model"), ("", r"$\epsilon$"), ("", "Method"), ("clean", r"err \%")]
+    columns += [(verified, latex_title(m)) for m in meanings]
+    columns += [(r"paper$\checkmark$", r"sound$\times$"), ("train", "s/epoch")]
+    body, breaks = [], []
     previous = None
-    for row in rows:
+    for i, row in enumerate(rows):
         key = (row["dataset"], row["model"], row["eps"])
         if previous is not None and key != previous:
-            out.append(r"\midrule")
+            breaks.append(i)
         previous = key
         cells = [latex_escape(row["dataset"]), latex_escape(row["model"]), format_eps(row["eps"], row.get("protocol")),
                  latex_escape(mark_label(row["label"], row)), latex_escape(_clean(row))]
         cells += [latex_escape(c) if c in ("–", "stopped") else c
                   for c in _main_cells(row, meanings, lambda err, ms: f"{err} {{\\scriptsize({ms})}}")]
         cells += [latex_escape(_gap(row)), _num(row["train_s_per_epoch"])]
-        out.append(" & ".join(cells) + r" \\")
-    out += [r"\bottomrule", r"\end{tabular}"]
+        body.append(cells)
+    out = [r"% generated by abscert-bench run-table; needs \usepackage{booktabs}"]
+    out += booktabs(columns, body, "llrlr" + "r" * len(meanings) + "rr", underline=(verified,),
+                    breaks=tuple(breaks))
     out += [r"\par{\footnotesize " + latex_escape(n) + "}" for n in table_notes(rows)]
     out += [f"% {latex_escape(n)}" for n in _stop_notes(rows) + _resized_notes(rows)]
-    entries = comparisons(rows)
-    out += ["", r"\begin{tabular}{llrllrlrrrrr}", r"\toprule",
-            r" & & & \multicolumn{3}{c}{AbsCert (best)} & \multicolumn{2}{c}{best baseline} & "
-            r"rel.\ reduction & \multicolumn{2}{c}{s/epoch} & speed-up \\",
-            r"\cmidrule(lr){4-6}\cmidrule(lr){7-8}\cmidrule(lr){10-11}",
-            r"Dataset & Model & $\epsilon$ & meaning & method & err \% & method (verifier) & err \% & "
-            r"of verified err \% & AbsCert & baseline & $\times$ \\", r"\midrule"]
-    for e in entries:
-        out.append(" & ".join([
-            latex_escape(e["dataset"]), latex_escape(e["model"]), format_eps(e["eps"], e.get("protocol")),
-            LATEX_TITLES[e["meaning"]],
-            latex_escape(e["abscert"]), _pct(e["abscert_error"]).replace("–", "--"),
-            latex_escape(e["baseline"] or "–") + (f" ({LATEX_TITLES.get(e['baseline_verifier'] or '', '--')})"
-                                                  if e["baseline"] else ""),
-            _pct(e["baseline_error"]).replace("–", "--"), _pct(e["reduction"]).replace("–", "--"),
-            _num(e["abscert_s_per_epoch"]).replace("–", "--"), _num(e["baseline_s_per_epoch"]).replace("–", "--"),
-            _num(e["speedup"]).replace("–", "--"),
-        ]) + r" \\")
-    out += [r"\bottomrule", r"\end{tabular}", ""]
+    abscert, baseline, epoch = "AbsCert (best)", "best baseline", "s/epoch"
+
+    def baseline_title(e: dict[str, Any]) -> str:
+        return latex_title(e["baseline_verifier"]) if e["baseline_verifier"] else "--"
+
+    columns = [("", "Dataset"), ("", "Model"), ("", r"$\epsilon$"), (abscert, "meaning"), (abscert, "method"),
+               (abscert, r"err \%"), (baseline, "method (verifier)"), (baseline, r"err \%"),
+               (r"rel.\ reduction", r"of verified err \%"), (epoch, "AbsCert"), (epoch, "baseline"),
+               ("speed-up", r"$\times$")]
+    body = [[
+        latex_escape(e["dataset"]), latex_escape(e["model"]), format_eps(e["eps"], e.get("protocol")),
+        latex_title(e["meaning"]),
+        latex_escape(e["abscert"]), _pct(e["abscert_error"]).replace("–", "--"),
+        latex_escape(e["baseline"] or "–") + (f" ({baseline_title(e)})" if e["baseline"] else ""),
+        _pct(e["baseline_error"]).replace("–", "--"), _pct(e["reduction"]).replace("–", "--"),
+        _num(e["abscert_s_per_epoch"]).replace("–", "--"), _num(e["baseline_s_per_epoch"]).replace("–", "--"),
+        _num(e["speedup"]).replace("–", "--"),
+    ] for e in comparisons(rows)]
+    out += [""] + booktabs(columns, body, "llrllrlrrrrr", underline=(abscert, baseline, epoch)) + [""]
     return "\n".join(out)
 
 
@@ -380,10 +574,10 @@ def scalability_rows(store_root: str | Path) -> list[dict[str, Any]]:
 
 def scalability_markdown(rows: list[dict[str, Any]]) -> str:
     """Scalability: per model and method, cost of training and verification and where each method stops."""
-    verifiers = [m for m in MEANINGS + ["pgd"] if any(f"{m}:ms_per_sample" in r or f"{m}:stopped" in r
-                                                        for r in rows)]
+    verifiers = [m for m in verifier_group(*VERIFIER_GROUPS) if any(f"{m}:ms_per_sample" in r or f"{m}:stopped" in r
+                                                             for r in rows)]
     headers = ["dataset", "model", "parameters", "method", "status", "train s/epoch", "train peak RSS MiB"] + \
-        [f"{TITLES.get(v, v)} ms/sample" for v in verifiers] + ["stops at"]
+        [f"{_meta(v).title} ms/sample" for v in verifiers] + ["stops at"]
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     for r in sorted(rows, key=lambda r: (r["dataset"], r["parameters"] or 0, r["model"], r["label"], r["seed"])):
         cells = [r["dataset"], r["model"], f"{r['parameters']:,}" if r["parameters"] else "–", r["label"],

@@ -1,4 +1,4 @@
-"""Building blocks of the `abscert-sound` verifier (registered in abscert_bench/verify/sound.py).
+"""Building blocks of the `abscert-sound` verifier (registered in abscert_bench/verification/sound.py).
 
 choices  – the reachable abstract inputs of an eps-ball, per pixel a short list of options
 attack   – discrete gradient-guided attack over the choice pixels

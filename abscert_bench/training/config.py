@@ -88,6 +88,12 @@ TRAIN_FIELD_DEFAULTS: dict[str, Any] = {
 }
 
 
+def field_default(name: str) -> Any:
+    """TrainConfig's default for field `name` (the run fields too, e.g. seed)."""
+    f = {f.name: f for f in fields(TrainConfig)}[name]
+    return f.default_factory() if callable(f.default_factory) else f.default  # type: ignore[misc]
+
+
 def config_from_settings(settings: dict[str, Any], **run: Any) -> TrainConfig:
     """TrainConfig from a [train]-style mapping (unknown keys ignored) plus the run fields."""
     known = {k: v for k, v in settings.items() if k in TRAIN_FIELD_DEFAULTS}

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
-from ..registry import Registry
+from ..registry import Meta, Registry
 from ..trained import TrainedModel
 
 STATUSES = ("verified", "falsified", "unknown")
@@ -95,7 +95,39 @@ def batches(n: int, size: int) -> Iterator[tuple[int, int]]:
         yield start, min(n, start + size)
 
 
-VERIFIERS: Registry[Callable[..., Verifier]] = Registry("verifier")
+DEFAULT_VERIFY_COST = 100.0
+VERIFIER_GROUPS = ("abscert", "bound", "attack", "other")
+
+
+@dataclass(frozen=True)
+class VerifierMeta(Meta):
+    """A verifier's place in the tables and the scheduler, declared where it is registered:
+    `@VERIFIERS.register(name, title=…, long_title=…, order=…, cost=…, group=…)`.
+
+    * `title`: short column title (harness tables; default: the name); `latex_title`: the same in LaTeX
+      (default: `title`, escaped by the table); `long_title`: the title with its meaning (the `table` /
+      `compare` columns; default: `title`);
+    * `order`: column order (lower first; default after the built-ins);
+    * `cost`: work per verified sample, in natural-training image-epochs (the scheduler's estimate);
+    * `group`: `abscert` (an AbsCert meaning, compared with the best baseline), `bound` (a sound bound of
+      standard models: a baseline counts its tightest), `attack` (can only falsify; not a column of the
+      comparison table) or `other`.
+    """
+
+    long_title: str = ""
+    latex_title: str = ""
+    cost: float = DEFAULT_VERIFY_COST
+    group: str = "other"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.long_title:
+            object.__setattr__(self, "long_title", self.title)
+        if self.group not in VERIFIER_GROUPS:
+            raise ValueError(f"verifier {self.name!r}: group must be one of {', '.join(VERIFIER_GROUPS)}")
+
+
+VERIFIERS: Registry[Callable[..., Verifier]] = Registry("verifier", VerifierMeta)
 
 
 def create_verifier(name: str, **options: Any) -> Verifier:
@@ -113,6 +145,17 @@ def verifier_takes(name: str, option: str) -> bool:
 def all_verifier_names() -> list[str]:
     """Every registered verifier name."""
     return VERIFIERS.names()
+
+
+def verifier_meta(name: str) -> VerifierMeta:
+    """The registered metadata of verifier `name`; defaults for a name outside the registry (a cascade)."""
+    all_verifier_names()
+    return VERIFIERS.meta(name) if name in VERIFIERS else VERIFIERS.default_meta(name)
+
+
+def verifiers_in_group(*groups: str) -> list[str]:
+    """Registered verifiers of the given groups, in their order."""
+    return [n for n in VERIFIERS.ordered(all_verifier_names()) if verifier_meta(n).group in groups]
 
 
 def summarize(results: list[SampleResult]) -> dict[str, Any]:

@@ -30,7 +30,8 @@ class PaperCheck(Verifier):
         ]
 
 
-@VERIFIERS.register("abscert-paper")
+@VERIFIERS.register("abscert-paper", title="AbsCert paper", long_title="AbsCert paper check (not sound)", order=10,
+                    cost=1.0, group="abscert")
 def paper_check() -> Verifier:
     """The published AbsCert check."""
     return PaperCheck()

@@ -53,7 +53,7 @@ class PGDAttack(Verifier):
         ]
 
 
-@VERIFIERS.register("pgd")
+@VERIFIERS.register("pgd", title="PGD", long_title="PGD (attack, upper bound)", order=60, cost=50.0, group="attack")
 def pgd(steps: int = 20, restarts: int = 1) -> Verifier:
     """PGD attack verifier."""
     return PGDAttack(steps, restarts)

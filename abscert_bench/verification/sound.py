@@ -354,7 +354,8 @@ class _BatchRun:
                 return
 
 
-@VERIFIERS.register("abscert-sound")
+@VERIFIERS.register("abscert-sound", title="AbsCert sound", long_title="AbsCert sound (deployed f)", order=20,
+                    cost=400.0, group="abscert")
 def abscert_sound(timeout: float = 10.0, **options: Any) -> Verifier:
     """The sound (and, given time, complete) check of the deployed AbsCert classifier."""
     return SoundVerifier(timeout=timeout, **options)

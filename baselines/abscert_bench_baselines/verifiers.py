@@ -160,6 +160,9 @@ def _builder(cls, name: str):
     return build
 
 
-VERIFIERS.add("ibp", _builder(BoundVerifier, "ibp"))
-VERIFIERS.add("crown", _builder(BoundVerifier, "crown"))
-VERIFIERS.add("alpha-crown", _builder(AlphaCrownVerifier, "alpha-crown"))
+VERIFIERS.add("ibp", _builder(BoundVerifier, "ibp"), title="IBP", long_title="IBP bound", order=30, cost=6.0,
+              group="bound")
+VERIFIERS.add("crown", _builder(BoundVerifier, "crown"), title="CROWN", long_title="CROWN bound", order=40,
+              cost=300.0, group="bound")
+VERIFIERS.add("alpha-crown", _builder(AlphaCrownVerifier, "alpha-crown"), title="α-CROWN",
+              long_title="α-CROWN bound", latex_title=r"$\alpha$-CROWN", order=50, cost=5000.0, group="bound")

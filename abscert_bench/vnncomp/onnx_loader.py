@@ -104,6 +104,7 @@ class OnnxModule(nn.Module):
         weight_inputs = {n.input[i] for n in graph.node if n.op_type in ("Conv", "Gemm", "MatMul")
                          for i in range(1, len(n.input)) if n.input[i]}
         self._steps: list[tuple[list[str], list[str], Callable[..., Any]]] = []
+        self._step_ops: list[str] = []
         for node in graph.node:
             fn = self._compile(node)
             if node.op_type == "Constant":
@@ -113,6 +114,7 @@ class OnnxModule(nn.Module):
                 self._constants[node.output[0]] = self._fold(fn, node)
                 continue
             self._steps.append((list(node.input), list(node.output), fn))
+            self._step_ops.append(node.op_type)
         # Weights become parameters (auto_LiRPA's BoundParams); other constants stay plain tensors, which
         # tracing records as graph constants, as for a Python scalar in the original module.
         self._plain: dict[str, torch.Tensor] = {}
@@ -242,14 +244,36 @@ class OnnxModule(nn.Module):
             return avg_pool
         raise UserError(f"{path}: unsupported ONNX op {op}")  # pragma: no cover  (filtered above)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def run(self, x: torch.Tensor, replace_relus: list[torch.Tensor] | None = None,
+            ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """(every ReLU's input in graph order, the output). With `replace_relus`, ReLU k's output is taken from
+        replace_relus[k] (reshaped to its input's shape) instead of being computed: the rest of the graph then is
+        a function of x and those values (how `milp.extract` reads a ReLU network as a piecewise-linear one)."""
         values: dict[str, Any] = {self.input_name: x}
-        for inputs, outputs, fn in self._steps:
+        relu_inputs: list[torch.Tensor] = []
+        for (inputs, outputs, fn), op in zip(self._steps, self._step_ops):
             args = [values[n] if n in values else (self._constant(n) if n else None) for n in inputs]
+            if op == "Relu":
+                relu_inputs.append(args[0])
+                if replace_relus is not None:
+                    values[outputs[0]] = replace_relus[len(relu_inputs) - 1].reshape(args[0].shape)
+                    continue
             values[outputs[0]] = fn(*args)
         if self.output_name not in values:
             raise UserError(f"{self.path}: the output does not depend on the input")
-        return values[self.output_name]
+        return relu_inputs, values[self.output_name]
+
+    def float64_copy(self) -> "OnnxModule":
+        """A copy computing in float64 (weights and constants converted; the graph has no Cast for this to make
+        sense — `milp.extract` only uses it on Cast-free graphs)."""
+        import copy
+
+        twin = copy.deepcopy(self).double()
+        twin._plain = {k: (v.double() if v.is_floating_point() else v) for k, v in twin._plain.items()}
+        return twin
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.run(x)[1]
 
 
 def load_onnx(path: str | Path) -> OnnxModule:

@@ -1,0 +1,309 @@
+"""A complete method for small ReLU networks: the VNN-LIB property as a mixed-integer linear program (HiGHS).
+
+`extract` reads a loaded ONNX network (our `OnnxModule`) as a piecewise-linear function: with every ReLU output
+replaced by a free variable, each ReLU input and the network output are affine in (x, a_1, …, a_m), the input and
+all ReLU outputs in graph order (skip connections and the hull network's `1 - relu(1 - (lower + d))` included).
+Their coefficients are found by running the graph in float64 on the basis vectors, and checked to be affine on
+random points (a graph with Floor, Sigmoid, Max, … is refused: `None`).
+
+`decide` then solves, per disjunct of the output condition, min t s.t. A·y - b <= t over the input box with the
+standard big-M encoding of each ReLU whose interval bounds straddle 0 (a = max(z, 0) exactly: a >= z, a >= 0,
+a <= u·δ, a <= z - l·(1 - δ), δ binary). `unsat` when every disjunct's proven lower bound on t (HiGHS's dual bound,
+valid also when the time limit stops the search) exceeds `UNSAT_MARGIN`; `sat` only when a solution's input,
+run through the real (float32) network, satisfies the property; else `unknown`. The margin absorbs the solver's
+feasibility tolerances (1e-6 by default in HiGHS) and the float64 extraction error of the coefficients; a property
+that holds with a margin below it is left `unknown`, never guessed.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .onnx_loader import OnnxModule
+from .vnnlib import VnnlibProperty
+
+UNSAT_MARGIN = 1e-4  # a disjunct is refuted only when its proven min of max_i(A_i·y - b_i) exceeds this
+AFFINE_TOLERANCE = 1e-6  # relative error allowed when checking that the graph is affine between ReLUs
+MAX_VARIABLES = 20_000  # inputs + ReLU neurons above which the program is not built (too big to be useful)
+
+
+@dataclass
+class PiecewiseLinear:
+    """y = out_w·v + out_b with v = [x, a_1, …, a_m] and ReLU k's input z_k = w_k·v + b_k, a_k = max(z_k, 0).
+
+    Layer k's rows only use the entries of v before a_k (graph order)."""
+
+    n_inputs: int
+    layers: list[tuple[np.ndarray, np.ndarray]]
+    out_w: np.ndarray
+    out_b: np.ndarray
+
+    @property
+    def n_variables(self) -> int:
+        return self.n_inputs + sum(len(b) for _, b in self.layers)
+
+    def evaluate(self, x: np.ndarray) -> np.ndarray:
+        """The network's outputs at x (float64), through the extracted coefficients."""
+        v = np.asarray(x, dtype=np.float64).reshape(-1)
+        for w, b in self.layers:
+            v = np.concatenate([v, np.maximum(w @ v[: w.shape[1]] + b, 0.0)])
+        return self.out_w @ v + self.out_b
+
+
+def extract(model: OnnxModule) -> PiecewiseLinear | None:
+    """The piecewise-linear form of a ReLU network, or None when the graph is not one (or is too large)."""
+    if any(op not in PIECEWISE_LINEAR_OPS for op in model.op_types):
+        return None
+    double = model.float64_copy()
+    shape = (1, *model.input_shape[1:])
+    n_in = int(np.prod(shape))
+    with torch.no_grad():
+        sizes = [int(z[0].numel()) for z in double.run(torch.zeros(shape, dtype=torch.float64))[0]]
+    total = n_in + sum(sizes)
+    if total > MAX_VARIABLES:
+        return None
+
+    def outputs(v: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """(ReLU inputs, output) for a batch of variable vectors v (B × total), ReLU outputs taken from v."""
+        x = v[:, :n_in].reshape(len(v), *shape[1:])
+        replace, start = [], n_in
+        for size in sizes:
+            replace.append(v[:, start:start + size])
+            start += size
+        return double.run(x, replace_relus=replace)
+
+    basis = torch.cat([torch.zeros(1, total, dtype=torch.float64), torch.eye(total, dtype=torch.float64)])
+    with torch.no_grad():
+        try:
+            relu_inputs, y = outputs(basis)
+        except RuntimeError:  # a graph whose shapes fix the batch to 1: one vector at a time
+            parts = [outputs(basis[i:i + 1]) for i in range(len(basis))]
+            relu_inputs = [torch.cat([p[0][k] for p in parts]) for k in range(len(sizes))]
+            y = torch.cat([p[1] for p in parts])
+    layers, start = [], n_in
+    for k, z in enumerate(relu_inputs):
+        z = z.reshape(len(basis), -1).numpy()
+        w = (z[1:] - z[0]).T[:, :start]
+        layers.append((np.ascontiguousarray(w), z[0].copy()))
+        start += sizes[k]
+    y = y.reshape(len(basis), -1).numpy()
+    form = PiecewiseLinear(n_in, layers, np.ascontiguousarray((y[1:] - y[0]).T), y[0].copy())
+    # affine between ReLUs: the coefficients reproduce the graph on random inputs (ReLUs included)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(2):
+        x = torch.rand(shape, generator=generator, dtype=torch.float64) * 2 - 0.5
+        with torch.no_grad():
+            expected = double.run(x)[1].reshape(-1).numpy()
+        got = form.evaluate(x.numpy())
+        if not np.allclose(got, expected, rtol=AFFINE_TOLERANCE, atol=AFFINE_TOLERANCE * (1 + np.abs(expected).max())):
+            return None
+    return form
+
+
+# the ops of a network that is affine between its ReLUs (Mul / Div are checked to have a constant operand by the
+# affinity test in `extract`)
+PIECEWISE_LINEAR_OPS = frozenset({"Add", "Sub", "Mul", "Div", "Neg", "Conv", "Gemm", "MatMul", "Flatten", "Reshape",
+                                  "Identity", "Concat", "AveragePool", "Relu", "Constant"})
+
+
+class _Layered(torch.nn.Module):
+    """The piecewise-linear form as a torch module auto_LiRPA can bound: ReLU k's input is a sum of Linear maps of
+    the flat input x and of the earlier ReLU outputs (no slicing or concatenation in the graph)."""
+
+    def __init__(self, form: PiecewiseLinear) -> None:
+        super().__init__()
+        sizes = [form.n_inputs] + [len(b) for _, b in form.layers]
+        self.blocks = torch.nn.ModuleList()
+        for w, b in [*form.layers, (form.out_w, form.out_b)]:
+            parts, start = torch.nn.ModuleList(), 0
+            for j, size in enumerate(sizes):
+                if start >= w.shape[1]:
+                    break
+                linear = torch.nn.Linear(size, w.shape[0], bias=j == 0)
+                linear.weight.data = torch.as_tensor(w[:, start:start + size], dtype=torch.float32)
+                if j == 0:
+                    linear.bias.data = torch.as_tensor(b, dtype=torch.float32)
+                parts.append(linear)
+                start += size
+            self.blocks.append(parts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        values = [x]
+        for parts in self.blocks[:-1]:
+            z = parts[0](values[0])
+            for j in range(1, len(parts)):
+                z = z + parts[j](values[j])
+            values.append(torch.relu(z))
+        last = self.blocks[-1]
+        y = last[0](values[0])
+        for j in range(1, len(last)):
+            y = y + last[j](values[j])
+        return y
+
+
+def crown_bounds(form: PiecewiseLinear, lower: np.ndarray, upper: np.ndarray, rows: np.ndarray):
+    """CROWN through auto_LiRPA on the layered form: per ReLU layer (l, u) of its inputs, widened by a float32
+    safety margin, and lower bounds of rows·y over the box."""
+    from ..lirpa import bounded_input, bounded_module, relu_input_nodes
+
+    module = _Layered(form).eval()
+    lo = torch.as_tensor(lower, dtype=torch.float32).reshape(1, -1)  # flat: the layered form reads x flattened
+    hi = torch.as_tensor(upper, dtype=torch.float32).reshape(1, -1)
+    bounded = bounded_module(module, lo, {"conv_mode": "matrix"})  # no conv: patches mode only misleads it
+    with torch.no_grad():
+        lb, _ = bounded.compute_bounds(x=(bounded_input(lo, hi),), C=torch.as_tensor(rows, dtype=torch.float32)[None],
+                                       method="CROWN", bound_upper=False)
+    nodes = relu_input_nodes(bounded)
+    pre = []
+    for node, (_, b) in zip(nodes, form.layers):
+        l, u = node.lower.detach().double().reshape(-1).numpy(), node.upper.detach().double().reshape(-1).numpy()
+        slack = 1e-5 * (1 + np.maximum(np.abs(l), np.abs(u)))  # float32 bounds of a float64 program
+        pre.append((l - slack, u + slack))
+    if len(pre) != len(form.layers) or any(len(l) != len(b) for (l, _), (_, b) in zip(pre, form.layers)):
+        return None, None
+    return pre, lb.detach().double().reshape(-1).numpy()
+
+
+def interval_bounds(form: PiecewiseLinear, lower: np.ndarray, upper: np.ndarray):
+    """Per ReLU layer the interval bounds (l, u) of its inputs over the box, and the bounds of every variable."""
+    v_lo, v_hi = lower.astype(np.float64).copy(), upper.astype(np.float64).copy()
+    pre = []
+    for w, b in form.layers:
+        mid, rad = (v_lo + v_hi) / 2, (v_hi - v_lo) / 2
+        centre = w @ mid + b
+        spread = np.abs(w) @ rad
+        lo, hi = centre - spread, centre + spread
+        pre.append((lo, hi))
+        v_lo, v_hi = np.concatenate([v_lo, np.maximum(lo, 0)]), np.concatenate([v_hi, np.maximum(hi, 0)])
+    return pre, v_lo, v_hi
+
+
+@contextmanager
+def _quiet_stdout():
+    """Silence file descriptor 1 (C extensions write there, past sys.stdout) for the duration."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+@dataclass
+class MilpOutcome:
+    """`unsat`, `sat` (x: a witness input, checked on the real network) or `unknown`, with the solver's seconds."""
+
+    result: str
+    x: np.ndarray | None = None
+    seconds: float = 0.0
+    detail: str = ""
+
+
+def decide(form: PiecewiseLinear, prop: VnnlibProperty, model: torch.nn.Module, time_limit: float,
+           binary_inputs: bool = False) -> MilpOutcome:
+    """Decide the property over its input box; `binary_inputs`: only the box's corners count (hull witnesses)."""
+    from scipy.optimize import Bounds, LinearConstraint, milp
+    from scipy.sparse import coo_matrix, csr_matrix, hstack, vstack
+
+    start = time.perf_counter()
+    lower, upper = prop.lower.astype(np.float64), prop.upper.astype(np.float64)
+    pre, v_lo, v_hi = interval_bounds(form, lower, upper)
+    a_all, b_all, owner = prop.rows()
+    crown_pre, row_lower = crown_bounds(form, lower, upper, a_all)
+    if crown_pre is not None:  # the tighter of the two per neuron, both sound
+        pre = [(np.maximum(lo, cl), np.minimum(hi, cu)) for (lo, hi), (cl, cu) in zip(pre, crown_pre)]
+        v_lo, v_hi = lower.copy(), upper.copy()
+        for lo, hi in pre:
+            v_lo, v_hi = np.concatenate([v_lo, np.maximum(lo, 0)]), np.concatenate([v_hi, np.maximum(hi, 0)])
+    done = set()  # disjuncts CROWN already refutes: a row whose lower bound exceeds its b + margin
+    if row_lower is not None:
+        done = {d for i, d in enumerate(owner) if row_lower[i] - b_all[i] > UNSAT_MARGIN}
+    n_v = form.n_variables
+    unstable = [(k, i) for k, (lo, hi) in enumerate(pre) for i in np.flatnonzero((lo < 0) & (hi > 0))]
+    n_d = len(unstable)
+    n_corner = int(np.sum(upper > lower)) if binary_inputs else 0
+    n = n_v + n_d + n_corner + 1  # variables: v, δ, corner choices, t
+    rows, cols, vals, lb, ub = [], [], [], [], []
+
+    def add(entries: list[tuple[int, float]], dense: tuple[np.ndarray, int] | None, lo: float, hi: float) -> None:
+        r = len(lb)
+        if dense is not None:
+            coefficients, offset = dense
+            nz = np.flatnonzero(coefficients)
+            rows.extend([r] * len(nz))
+            cols.extend((nz + offset).tolist())
+            vals.extend(coefficients[nz].tolist())
+        for c, value in entries:
+            rows.append(r)
+            cols.append(c)
+            vals.append(value)
+        lb.append(lo)
+        ub.append(hi)
+
+    delta_of = {key: n_v + j for j, key in enumerate(unstable)}
+    offset = form.n_inputs
+    for k, (w, b) in enumerate(form.layers):
+        lo, hi = pre[k]
+        for i in range(len(b)):
+            a = offset + i
+            if hi[i] <= 0:  # inactive: a = 0 (its bounds are [0, 0])
+                continue
+            if lo[i] >= 0:  # active: a = z
+                add([(a, -1.0)], (w[i], 0), -b[i], -b[i])
+                continue
+            d = delta_of[(k, i)]
+            add([(a, -1.0)], (w[i], 0), -np.inf, -b[i])                       # z - a <= 0
+            add([(a, 1.0), (d, -hi[i])], None, -np.inf, 0.0)                   # a - u·δ <= 0
+            add([(a, 1.0), (d, -lo[i])], (-w[i], 0), -np.inf, b[i] - lo[i])  # a - z + l·δ <= -l
+        offset += len(b)
+    if binary_inputs:  # x_i = lower_i + (upper_i - lower_i)·c_i, c_i binary
+        for j, i in enumerate(np.flatnonzero(upper > lower)):
+            add([(int(i), 1.0), (n_v + n_d + j, -(upper[i] - lower[i]))], None, lower[i], lower[i])
+    base = csr_matrix((vals, (rows, cols)), shape=(len(lb), n)) if lb else None
+    bounds_lo = np.concatenate([v_lo, np.zeros(n_d + n_corner), [-np.inf]])
+    bounds_hi = np.concatenate([v_hi, np.ones(n_d + n_corner), [np.inf]])
+    integrality = np.concatenate([np.zeros(n_v), np.ones(n_d + n_corner), [0]])
+    objective = np.zeros(n)
+    objective[-1] = 1.0
+    refuted, witness = True, None
+    for index, (a_rows, b_rows) in enumerate(prop.disjuncts):
+        if index in done:
+            continue
+        left = time_limit - (time.perf_counter() - start)
+        if left <= 0:
+            return MilpOutcome("unknown", seconds=time.perf_counter() - start, detail="time limit")
+        coeff = a_rows @ form.out_w  # rows over v: A·y - b - t <= 0
+        extra = coo_matrix(np.hstack([coeff, np.zeros((len(b_rows), n_d + n_corner)), -np.ones((len(b_rows), 1))]))
+        matrix = extra if base is None else vstack([base, hstack([extra.tocsr()])])
+        c_lo = np.concatenate([lb, np.full(len(b_rows), -np.inf)])
+        c_hi = np.concatenate([ub, b_rows - a_rows @ form.out_b])
+        with _quiet_stdout():  # HiGHS prints solver chatter on the C-level stdout
+            result = milp(objective, integrality=integrality, bounds=Bounds(bounds_lo, bounds_hi),
+                          constraints=LinearConstraint(matrix, c_lo, c_hi), options={"time_limit": max(left, 0.01)})
+        dual = getattr(result, "mip_dual_bound", None)
+        if dual is not None and np.isfinite(dual) and dual > UNSAT_MARGIN:
+            continue  # this disjunct cannot be met anywhere in the box
+        refuted = False
+        if result.x is not None and result.fun is not None and result.fun <= 0:
+            x = result.x[:form.n_inputs]
+            x = np.clip(x, lower, upper).astype(np.float32)
+            with torch.no_grad():
+                y = model(torch.from_numpy(x).reshape(1, *getattr(model, "input_shape", (len(x),))[1:]))
+            if prop.output_holds(y.reshape(-1).double().numpy()) and prop.input_inside(x):
+                witness = x
+                break
+    seconds = time.perf_counter() - start
+    if witness is not None:
+        return MilpOutcome("sat", witness, seconds, "witness checked on the network")
+    if refuted:
+        return MilpOutcome("unsat", None, seconds, f"{n_d} unstable ReLUs, {len(done)} disjuncts by CROWN")
+    return MilpOutcome("unknown", None, seconds, "no proof and no checked witness")

@@ -102,7 +102,8 @@ def read_only(tmp_path):
         path.chmod(0o555)
         made.append(path)
         if not _probe_blocked(path):
-            pytest.skip(f"a 0555 folder is writable here (uid {os.getuid()}: root ignores modes)")
+            pytest.skip(f"a 0555 folder is writable here (uid {os.getuid()}: root ignores modes; run as another user "
+                        "or under `setpriv --bounding-set=-dac_override,-dac_read_search` to check these)")
         return path
 
     yield make
@@ -387,3 +388,79 @@ def test_read_only_table_csv(trained, read_only, capsys):
     parent = read_only()
     one_line_error(*cli(capsys, "table", trained, "--csv", parent / "t.csv")[::2], "cannot write")
     assert not any(parent.iterdir())
+
+
+# -- table --csv, run-table outputs: files and a plots folder ------------------------------------------------------
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    root = tmp_path_factory.mktemp("store")
+    (root / "tiny.toml").write_text(SPEC)
+    assert main(["run", str(root / "tiny.toml"), "--out", str(root / "store"), "--quiet", "--no-report"]) == 0
+    return root / "store"
+
+
+def test_table_csv_replaces_only_its_own_csv(trained, tmp_path, capsys):
+    mine = tmp_path / "mine.csv"
+    mine.write_text("name,grade\nme,A\n")
+    one_line_error(*cli(capsys, "table", trained, "--csv", mine)[::2], "not a table CSV")
+    assert mine.read_text() == "name,grade\nme,A\n"
+    ours = tmp_path / "t.csv"
+    assert cli(capsys, "table", trained, "--csv", ours)[0] == 0
+    ours.write_text(ours.read_text() + "stale\n")
+    assert cli(capsys, "table", trained, "--csv", ours)[0] == 0 and "stale" not in ours.read_text()
+    one_line_error(*cli(capsys, "table", trained, "--csv", tmp_path)[::2], "is a folder")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine.csv", "t.csv"]
+
+
+def test_run_table_outputs_replace_only_their_own(store, tmp_path, capsys):
+    for option in ("--markdown", "--latex"):
+        mine = tmp_path / f"mine{option}"
+        mine.write_text("my own text\n")
+        code, out, err = cli(capsys, "run-table", store, option, mine)
+        one_line_error(code, err, "is not a", "nothing was changed")
+        assert mine.read_text() == "my own text\n" and out == ""
+        ours = tmp_path / f"ours{option}"
+        assert cli(capsys, "run-table", store, option, ours)[0] == 0
+        assert cli(capsys, "run-table", store, option, ours)[0] == 0  # its own file: rewritten
+    folder = user_folder(tmp_path / "figs")
+    before = snapshot(folder)
+    one_line_error(*cli(capsys, "run-table", store, "--plots", folder)[::2], "not a plots folder")
+    assert snapshot(folder) == before
+    plots = tmp_path / "plots"
+    assert cli(capsys, "run-table", store, "--plots", plots)[0] == 0
+    assert json.loads((plots / MARKER).read_text())["kind"] == "plots"
+    add_notes(plots)
+    assert cli(capsys, "run-table", store, "--plots", plots)[0] == 0
+    assert (plots / "MY_NOTES.txt").read_text() == "mine, keep"
+    assert "MY_NOTES.txt" not in json.loads((plots / MARKER).read_text())["entries"]
+
+
+def test_read_only_run_table(store, read_only, capsys):
+    parent = read_only()
+    for option, name in (("--markdown", "t.md"), ("--latex", "t.tex"), ("--plots", "plots")):
+        one_line_error(*cli(capsys, "run-table", store, option, parent / name)[::2], "cannot write")
+    assert not any(parent.iterdir())
+
+
+# -- the committed results of earlier versions are recognised (and ordinary folders are not) ----------------------
+def test_committed_results_are_recognised(tmp_path):
+    from pathlib import Path
+
+    from abscert_bench.harness.store import STORE_KIND
+    from abscert_bench.owned import EXPORT, PLOTS, RUN, is_kind
+
+    results = Path(__file__).resolve().parent.parent / "results"
+    stores = [p.parent for p in results.glob("*/suite.json")]
+    assert stores
+    for store in stores:
+        assert is_kind(store, STORE_KIND) and not is_kind(store, RUN) and not is_kind(store, EXPORT)
+        assert is_kind(store / "plots", PLOTS)
+        for cell in (store / "cells").iterdir():
+            assert is_kind(cell / "run", RUN)
+    for config in results.glob("mnist-official/*/config.json"):
+        assert is_kind(config.parent, RUN)
+    mine = user_folder(tmp_path / "mine")
+    (mine / "config.json").write_text('{"dataset": "mine"}')
+    (mine / "suite.json").write_text('{"name": "mine"}')
+    (mine / "benchmark.json").write_text('{"format": 1}')
+    assert not any(is_kind(mine, kind) for kind in (RUN, EXPORT, STORE_KIND, PLOTS))

@@ -236,8 +236,6 @@ def cmd_vnncomp_run(args: argparse.Namespace) -> int:
 
     folder = Path(args.folder)
     out_csv = Path(args.out) if args.out else folder / "results.csv"
-    if out_csv.exists() and not args.force:
-        raise UserError(f"{out_csv} exists; pass --force to overwrite it")
     rows = run_benchmark(folder, out_csv, bound_method=args.bound_method, force=args.force)
     counts: dict[str, int] = {}
     for row in rows:

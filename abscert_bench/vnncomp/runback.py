@@ -458,11 +458,6 @@ def run_benchmark(folder: Path, out_csv: Path | None = None, bound_method: str =
     results_dir = out_csv.with_suffix("")
     if results_dir == out_csv:
         results_dir = out_csv.with_name(out_csv.name + "_files")
-    solver = RunBack(folder, bound_method, attack_steps, attack_restarts, seed, use_sound_verifier)
-    # Load and parse everything first, so a bad file fails before any work.
-    for onnx_rel, vnn_rel, _, _ in instances:
-        model = solver.model(onnx_rel)
-        read_vnnlib(folder / vnn_rel, int(np.prod(model.input_shape)), int(np.prod(model.output_shape)))
     if out_csv.exists():
         if not _is_own_csv(out_csv):
             raise UserError(f"{out_csv} exists and is not a results CSV abscert-bench wrote, so even --force does "
@@ -470,6 +465,12 @@ def run_benchmark(folder: Path, out_csv: Path | None = None, bound_method: str =
         if not force:
             raise UserError(f"{out_csv} exists; pass --force to overwrite it")
     check_writable(out_csv)
+    prepare_folder(results_dir, RESULTS, force, option="results folder", remove=False)  # refused before any work
+    solver = RunBack(folder, bound_method, attack_steps, attack_restarts, seed, use_sound_verifier)
+    # Load and parse everything first, so a bad file fails before any work.
+    for onnx_rel, vnn_rel, _, _ in instances:
+        model = solver.model(onnx_rel)
+        read_vnnlib(folder / vnn_rel, int(np.prod(model.input_shape)), int(np.prod(model.output_shape)))
     kept = prepare_folder(results_dir, RESULTS, force, option="results folder")
     results_dir.mkdir(parents=True, exist_ok=True)
     write_marker(results_dir, RESULTS)

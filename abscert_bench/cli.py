@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -128,7 +127,7 @@ def abscert_options(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_train(args: argparse.Namespace) -> int:
     from .data import load_dataset
     from .models import MODELS
-    from .rundir import create_run_dir
+    from .rundir import create_run_dir, discard_run_dir, finish_run_dir
     from .training.loop import run_training
     from .training.methods import accepted_options
 
@@ -140,8 +139,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     run_dir = create_run_dir(Path(args.out), force=args.force)
     try:
         run_training(config, dataset, run_dir, on_epoch=_epoch_logger(args.method, args.epochs))
+        finish_run_dir(run_dir)
     except BaseException:
-        shutil.rmtree(run_dir, ignore_errors=True)  # never leave a half-written run looking usable
+        discard_run_dir(run_dir)  # never leave a half-written run looking usable (a user's files in it stay)
         raise
     print(f"trained {args.method} {args.model} on {args.dataset}: {run_dir}")
     return 0
@@ -236,9 +236,7 @@ def cmd_vnncomp_run(args: argparse.Namespace) -> int:
 
     folder = Path(args.folder)
     out_csv = Path(args.out) if args.out else folder / "results.csv"
-    if out_csv.exists() and not args.force:
-        raise UserError(f"{out_csv} exists; pass --force to overwrite it")
-    rows = run_benchmark(folder, out_csv, bound_method=args.bound_method)
+    rows = run_benchmark(folder, out_csv, bound_method=args.bound_method, force=args.force)
     counts: dict[str, int] = {}
     for row in rows:
         counts[row["result"]] = counts.get(row["result"], 0) + 1
@@ -375,6 +373,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("abscert-bench: interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:  # a read-only filesystem, an unwritable folder, a full disk: one line, exit 2
+        from .owned import os_error_line
+
+        line = os_error_line(exc)
+        if line is None:
+            raise
+        print(f"abscert-bench: error: {line}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -13,13 +13,35 @@ from .errors import UserError
 
 
 def create_run_dir(path: Path, force: bool = False) -> Path:
-    """Create `path`; an existing non-empty one needs `force` (and is then wiped)."""
-    if path.exists() and any(path.iterdir()):
-        if not force:
-            raise UserError(f"run directory {path} already exists; pass --force to overwrite it")
-        shutil.rmtree(path)
-    path.mkdir(parents=True, exist_ok=True)
+    """Create `path` with its marker; an existing one with files needs `force` and must be a run directory written
+    by abscert-bench (then only the tool's files are removed, any other file is kept: see owned.py)."""
+    from .owned import RUN, prepare_folder, report_kept, write_marker
+
+    path = Path(path)
+    report_kept(path, prepare_folder(path, RUN, force))
+    created = not path.exists()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        write_marker(path, RUN)
+    except BaseException:
+        if created:
+            shutil.rmtree(path, ignore_errors=True)
+        raise
     return path
+
+
+def finish_run_dir(path: Path) -> None:
+    """List what training wrote in the run directory's marker."""
+    from .owned import RUN, write_marker
+
+    write_marker(path, RUN, [p.name for p in path.iterdir() if p.name in RUN.entries])
+
+
+def discard_run_dir(path: Path) -> None:
+    """Remove what the tool wrote into a run directory whose training failed (a user's files stay)."""
+    from .owned import RUN, discard
+
+    discard(path, RUN)
 
 
 def write_json(path: Path, data: Any) -> None:

@@ -93,30 +93,40 @@ def write_report(store: Path) -> list[Path]:
 
 def cmd_run_table(args: argparse.Namespace) -> int:
     """`run-table`: print tables, optionally write LaTeX / Markdown / plots."""
+    from ..owned import PLOTS, check_output_file, prepare_plots, record_written, write_output_file
     from .plots import make_plots
     from .tables import load_rows, scalability_markdown, scalability_rows, to_latex, to_markdown
 
     path = Path(args.path)
     if not path.exists():
         raise UserError(f"no such results store or folder {path}")
+    for option, kind in (("markdown", "markdown"), ("latex", "latex")):  # refused before any work
+        if getattr(args, option, None):
+            check_output_file(Path(getattr(args, option)), kind, f"--{option}")
+    if args.plots:
+        prepare_plots(Path(args.plots))
     if args.scalability:
         if not (path / "suite.json").exists():
             raise UserError(f"{path} is not a results store written by `run` (no suite.json)")
         text = scalability_markdown(scalability_rows(path))
         print(text, end="")
         if args.markdown:
-            Path(args.markdown).write_text(text)
+            write_output_file(Path(args.markdown), text, "markdown", "--markdown")
         return 0
     rows = load_rows(path)
     text = to_markdown(rows)
     print(text, end="")
     if args.markdown:
-        Path(args.markdown).write_text(text)
+        write_output_file(Path(args.markdown), text, "markdown", "--markdown")
     if args.latex:
-        Path(args.latex).write_text(to_latex(rows))
+        write_output_file(Path(args.latex), to_latex(rows), "latex", "--latex")
     if args.plots:
-        for written in make_plots(path, Path(args.plots)):
-            print(f"wrote {written}")
+        plots = Path(args.plots)
+        written = make_plots(path, plots)
+        for figure in written:
+            print(f"wrote {figure}")
+        if plots.is_dir():
+            record_written(plots, PLOTS, [p.name for p in plots.iterdir() if p not in written])
     return 0
 
 

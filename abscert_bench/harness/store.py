@@ -11,6 +11,8 @@ Layout (OUT = `run --out`):
                               a cell killed or crashed during verification or export does not train again
                               (key = spec.training_key: the cell id, or one id for natural cells of all eps)
     OUT/.lock                 held (flock) by the one `run` process using the store
+    OUT/.abscert-bench.json   the marker of a store (owned.py; stores of earlier versions are known by suite.json):
+                              `--force` removes only the entries above (and table.md / table.csv of `compare`)
 
 A cell is built in `.staging/<id>.<token>/`, its result.json written last, then the directory is renamed to
 `cells/<id>`: a kill -9 at any moment leaves either no cell or a whole one. A committed cell whose status is
@@ -29,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
+from ..owned import MARKER, check_writable, is_kind, owned_names, report_kept, split_entries, store_kind, write_marker
 from ..rundir import write_json
 from .spec import Spec
 
@@ -37,6 +40,7 @@ COMPLETE = ("done", "stopped")
 STATUSES = ("done", "stopped", "failed", "skipped")
 STORE_ENTRIES = {"suite.json", "suite.json.tmp", "spec.toml", "spec.toml.tmp", "cells", "logs", ".staging", ".lock",
                  "tables", "plots", "partial"}
+STORE_KIND = store_kind(STORE_ENTRIES | {"table.md", "table.csv"})  # the names --force removes (owned.py)
 TRAINING_RECORD = "train.json"
 CHECKPOINT_STUB = "checkpoint.pt.omitted.json"  # left by `slim` where a large checkpoint was taken out of a store"
 
@@ -57,19 +61,26 @@ class Store:
         """Lock the store, refuse one written by a different spec (unless force: wipe it); returns debris removed."""
         if self.root.exists() and not self.root.is_dir():
             raise UserError(f"results store {self.root} is not a directory")
-        foreign = self.foreign_entries()
-        if foreign and not (self.root / "suite.json").exists():
-            raise UserError(f"{self.root} is not empty and is not a suite results store (it holds {foreign[0]!r}); "
-                            "choose another --out (nothing was deleted)")
+        if self.root.is_dir() and not is_kind(self.root, STORE_KIND) and \
+                any(p.name != ".lock" or p.stat().st_size for p in self.root.rglob("*") if not p.is_dir()):
+            foreign = self.foreign_entries() or sorted(p.name for p in self.root.iterdir())
+            raise UserError(f"{self.root} is not empty and is not a suite results store (it holds {foreign[0]!r}; "
+                            f"no {MARKER} or suite.json), so even --force does not replace it; choose another --out "
+                            "(nothing was deleted)")
+        check_writable(self.root / ".lock")
         self.root.mkdir(parents=True, exist_ok=True)
         self.lock()
-        meta = self.metadata()
-        if meta is not None and not force:
+        meta = None if force else self.metadata()
+        if meta is not None:
             self._check_compatible(meta, spec)
-        if force and any(p.name != ".lock" for p in self.root.iterdir()):
-            for child in self.root.iterdir():
+        if force:  # only the store's own entries go (never .lock, held now); a user's files in it are kept
+            owned, kept = split_entries(self.root, STORE_KIND)
+            for child in owned:
                 if child.name != ".lock":
                     shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+            report_kept(self.root, kept)
+        if self.metadata() is None:  # a new store: its marker first, so even its skeleton is recognised
+            write_marker(self.root, STORE_KIND, ["suite.json", "spec.toml", "cells", "logs", ".staging", ".lock"])
         for folder in (self.cells_dir, self.logs_dir, self.staging_dir):
             folder.mkdir(exist_ok=True)
         removed = self.clear_debris()
@@ -87,7 +98,7 @@ class Store:
         """Names in the store's directory that a store never writes (so it may be someone else's folder)."""
         if not self.root.is_dir():
             return []
-        return sorted(p.name for p in self.root.iterdir() if p.name not in STORE_ENTRIES)
+        return sorted(p.name for p in self.root.iterdir() if p.name not in owned_names(self.root, STORE_KIND))
 
     def _check_compatible(self, meta: dict[str, Any], spec: Spec) -> None:
         if meta.get("format") != STORE_FORMAT:
@@ -274,8 +285,9 @@ def slim_store(root: str | Path, max_mb: float) -> list[tuple[str, float]]:
     import hashlib
 
     store = Store(root)
-    if store.metadata() is None:
+    if not is_kind(store.root, STORE_KIND) or store.metadata() is None:
         raise UserError(f"{store.root} is not a results store written by `run` (no suite.json)")
+    check_writable(store.cells_dir)
     removed = []
     for cell_dir, result in store.results():
         checkpoint = cell_dir / "run" / "checkpoint.pt"

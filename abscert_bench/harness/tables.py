@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import statistics
 from pathlib import Path
 from typing import Any
@@ -189,10 +188,10 @@ def rows_frame(rows: list[dict[str, Any]]):
 
 def write_rows_csv(path: Path, rows: list[dict[str, Any]]) -> None:
     """The rows as CSV (`rows_frame`), written atomically."""
+    from ..owned import write_output_file
+
     text = rows_frame(rows).to_csv(index=False, na_rep="nan", lineterminator="\r\n")
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, newline="")
-    os.replace(tmp, path)
+    write_output_file(path, text, "csv", "--csv")  # never over a file abscert-bench did not write
 
 
 # -- the paper tables (`run`, `run-table`): rows of a store ------------------------------------------------------

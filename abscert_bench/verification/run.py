@@ -1,6 +1,8 @@
 """Verify a run directory's model on its dataset's test split; results go under RUN/verify/eps=<eps>/."""
 from __future__ import annotations
 
+import json
+import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -8,6 +10,7 @@ from typing import Any
 from ..abstraction import check_eps
 from ..data import load_dataset
 from ..errors import UserError
+from ..owned import check_writable
 from ..rundir import read_json, write_csv, write_json
 from ..sound.recheck import save_counterexamples
 from ..trained import TrainedModel, check_input_shape, load_checkpoint
@@ -37,6 +40,40 @@ def result_rows(results: list[SampleResult]) -> list[dict[str, Any]]:
     return rows
 
 
+def result_files(out_dir: Path, name: str) -> list[Path]:
+    """The files `write_results` writes for one verifier."""
+    return [out_dir / f"{name}.json", out_dir / f"{name}.csv", out_dir / f"{name}.counterexamples.npz"]
+
+
+def is_own_result(path: Path, name: str) -> bool:
+    """Whether `path` (one of `result_files`) is what abscert-bench writes there: a summary JSON naming the
+    verifier, a per-sample CSV with its header, a counterexample archive with its arrays."""
+    try:
+        if path.suffix == ".json":
+            data = json.loads(path.read_text())
+            return isinstance(data, dict) and data.get("verifier") == name and "meaning" in data
+        if path.suffix == ".csv":
+            first = path.read_text().split("\n", 1)[0].strip()
+            return first == "" or first.startswith("index,label,status")
+        with zipfile.ZipFile(path) as archive:
+            return {"index.npy", "x.npy", "x_adv.npy", "label.npy", "eps.npy"} <= set(archive.namelist())
+    except (OSError, UnicodeDecodeError, ValueError, zipfile.BadZipFile):
+        return False
+
+
+def check_replaceable(out_dir: Path, name: str, force: bool) -> None:
+    """Existing results of a verifier need `force`; a file there that abscert-bench did not write is never
+    replaced, even with `force`."""
+    for path in result_files(out_dir, name):
+        if not path.exists():
+            continue
+        if not is_own_result(path, name):
+            raise UserError(f"{path} exists and is not a result abscert-bench wrote, so even --force does not "
+                            "replace it; move it away (nothing was changed)")
+        if not force:
+            raise UserError(f"results {path} exist; pass --force to overwrite")
+
+
 def write_results(out_dir: Path, name: str, meaning: str, sound: bool, attack_only: bool, eps: float,
                   results: list[SampleResult], x_by_index: Any) -> dict[str, Any]:
     """Write per-sample CSV, summary JSON and counterexamples (npz) for one verifier."""
@@ -48,6 +85,8 @@ def write_results(out_dir: Path, name: str, meaning: str, sound: bool, attack_on
     write_csv(out_dir / f"{name}.csv", rows, fields)
     if any(r.counterexample is not None for r in results):
         save_counterexamples(out_dir / f"{name}.counterexamples.npz", results, x_by_index, eps)
+    else:  # a replaced result's counterexamples would no longer belong to it
+        (out_dir / f"{name}.counterexamples.npz").unlink(missing_ok=True)
     summary = {"verifier": name, "meaning": meaning, "sound": sound, "attack_only": attack_only, "eps": eps,
                **summarize(results)}
     write_json(out_dir / f"{name}.json", summary)
@@ -80,9 +119,9 @@ def verify_run(
     out_dir = results_dir(run_dir, eps, None if n == len(dataset.test_x) else n)
 
     def refuse_existing(name: str) -> None:
-        if (out_dir / f"{name}.json").exists() and not force:
-            raise UserError(f"results {out_dir / (name + '.json')} exist; pass --force to overwrite")
+        check_replaceable(out_dir, name, force)
 
+    check_writable(out_dir)
     summaries = []
     for name, stages, results in run_verifiers(trained, x, y, eps, names, options, cascade, batch_size,
                                                progress_factory, before=refuse_existing,

@@ -9,16 +9,19 @@ Layout of a folder:
     vnnlib2/*.vnnlib     VNN-LIB 2.0 copies (with --vnnlib2)
     benchmark.json       metadata: source run, abstraction, per-instance image index/label, check results
     images.npz           the exported test images (index, label, x), for the run-back's mapping to the run
+    .abscert-bench.json  the marker of a folder written by export (owned.py)
 
 The folder is written into a temporary sibling and renamed into place, so a partial folder never looks
-complete; an existing target needs `force`.
+complete; an existing target needs `force` and must be a folder written by export (its `.abscert-bench.json`
+marker, or the `benchmark.json` of an older version); only the tool's entries are replaced, other files are kept
+(see owned.py).
 """
 from __future__ import annotations
 
 import math
 import os
 import shutil
-import tempfile
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +31,7 @@ import torch
 from ..abstraction import Abstraction, ball, cell_index, cell_lower, check_eps, region_phi
 from ..data import load_dataset
 from ..errors import UserError
+from ..owned import EXPORT, prepare_folder, report_kept, write_marker
 from ..rundir import read_json, write_json
 from ..trained import TrainedModel, check_input_shape, load_checkpoint
 from .onnx_export import ExportableDeployed, check_export, export_form, export_onnx, hull_network
@@ -160,22 +164,25 @@ Run it back with `abscert-bench vnncomp run {meta['folder']}`.
     (folder / "README.md").write_text(text)
 
 
-def _prepare_target(out: Path, force: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise UserError(f"export target {out} exists and is not a folder")
-    if out.exists() and any(out.iterdir()) and not force:
-        raise UserError(f"export target {out} already exists; pass --force to overwrite")
+def _prepare_target(out: Path, force: bool) -> list[str]:
+    """Refuse a target that may not be replaced (owned.py's rule); returns the names in it that are not the tool's."""
+    return prepare_folder(out, EXPORT, force, remove=False)
 
 
-def _install(tmp: Path, out: Path) -> None:
-    """Move the finished temp folder into place (replacing an old one only now)."""
+def _install(tmp: Path, out: Path, kept: list[str]) -> None:
+    """Move the finished temp folder into place (replacing an old one only now), carrying over the `kept` entries
+    of the old folder (those abscert-bench did not write)."""
     trash = None
     if out.exists():
         trash = out.with_name(f".{out.name}.old-{os.getpid()}")
         os.replace(out, trash)
     os.replace(tmp, out)
     if trash is not None:
+        for name in kept:
+            if (trash / name).exists() or (trash / name).is_symlink():
+                os.rename(trash / name, out / name)
         shutil.rmtree(trash, ignore_errors=True)
+    report_kept(out, kept)
 
 
 def export_benchmark(run_dir: Path, out: Path, samples: int, seed: int, timeout: float, vnnlib2: bool = False,
@@ -213,14 +220,16 @@ def write_benchmark(trained: TrainedModel, images: torch.Tensor, labels: torch.T
               "seed": None, "samples": len(images), "command": "(exported from Python; rerun the script that called "
               "abscert_bench.export_vnncomp)", **(source or {})}
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:12]}"
+    tmp.mkdir()  # the normal umask mode (tempfile.mkdtemp would make it 0700)
     try:
         meta = _export_into(tmp, trained, source, images, labels, list(indices), eps, timeout, vnnlib2)
         meta.update({**{k: source[k] for k in ("source_run", "seed", "samples", "command")}, "folder": str(out)})
         write_json(tmp / METADATA, meta)
         _write_readme(tmp, meta)
-        _prepare_target(out, force)
-        _install(tmp, out)
+        write_marker(tmp, EXPORT, [p.name for p in tmp.iterdir()])
+        kept = _prepare_target(out, force)
+        _install(tmp, out, kept)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -28,6 +28,7 @@ import torch
 
 from ..abstraction import Abstraction, cell_index, cell_lower, region_phi
 from ..errors import UserError
+from ..owned import RESULTS, check_writable, prepare_folder, report_kept, write_marker
 from ..rundir import read_json, write_csv
 from ..trained import TrainedModel
 from .benchmark import FORMAT, IMAGES, METADATA, check_timeout
@@ -433,11 +434,22 @@ def read_result(path: Path) -> tuple[str, np.ndarray | None, np.ndarray | None]:
         np.array([values["Y"][j] for j in range(len(values["Y"]))])
 
 
+def _is_own_csv(path: Path) -> bool:
+    try:
+        with path.open(newline="") as handle:
+            return handle.readline().strip() == ",".join(RESULT_FIELDS)
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
 def run_benchmark(folder: Path, out_csv: Path | None = None, bound_method: str = "crown", attack_steps: int = 30,
                   attack_restarts: int = 2, seed: int = 0, use_sound_verifier: bool = True,
-                  progress: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+                  progress: Callable[[dict[str, Any]], None] | None = None, force: bool = True) -> list[dict[str, Any]]:
     """Solve every instance of a folder; write one VNN-COMP result file per instance (in the folder named
-    like `out_csv` without its suffix) and the summary CSV `out_csv` (default FOLDER/results.csv)."""
+    like `out_csv` without its suffix) and the summary CSV `out_csv` (default FOLDER/results.csv).
+
+    Existing results need `force`, and are replaced only when abscert-bench wrote them (the CSV by its header,
+    the results folder by its marker, or, from earlier versions, by holding nothing but result files)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"benchmark folder {folder} does not exist")
@@ -446,12 +458,23 @@ def run_benchmark(folder: Path, out_csv: Path | None = None, bound_method: str =
     results_dir = out_csv.with_suffix("")
     if results_dir == out_csv:
         results_dir = out_csv.with_name(out_csv.name + "_files")
+    if out_csv.exists():
+        if not _is_own_csv(out_csv):
+            raise UserError(f"{out_csv} exists and is not a results CSV abscert-bench wrote, so even --force does "
+                            "not replace it; choose another --out (nothing was changed)")
+        if not force:
+            raise UserError(f"{out_csv} exists; pass --force to overwrite it")
+    check_writable(out_csv)
+    prepare_folder(results_dir, RESULTS, force, option="results folder", remove=False)  # refused before any work
     solver = RunBack(folder, bound_method, attack_steps, attack_restarts, seed, use_sound_verifier)
     # Load and parse everything first, so a bad file fails before any work.
     for onnx_rel, vnn_rel, _, _ in instances:
         model = solver.model(onnx_rel)
         read_vnnlib(folder / vnn_rel, int(np.prod(model.input_shape)), int(np.prod(model.output_shape)))
+    kept = prepare_folder(results_dir, RESULTS, force, option="results folder")
     results_dir.mkdir(parents=True, exist_ok=True)
+    write_marker(results_dir, RESULTS)
+    report_kept(results_dir, kept)
     rows = []
     for onnx_rel, vnn_rel, timeout, _ in instances:
         outcome, info, elapsed = solver.solve(onnx_rel, vnn_rel, timeout)
@@ -459,6 +482,7 @@ def run_benchmark(folder: Path, out_csv: Path | None = None, bound_method: str =
         tmp = results_dir / (name + ".tmp")
         tmp.write_text(format_result(outcome))
         tmp.replace(results_dir / name)
+        write_marker(results_dir, RESULTS, [name])
         row = {"onnx_file": onnx_rel, "vnnlib_file": vnn_rel, "timeout_s": f"{timeout:g}", "result": outcome.result,
                "time_s": f"{elapsed:.4f}", "method": outcome.method, "encoding": info.get("encoding", ""),
                "index": info.get("index", ""), "label": info.get("label", ""),

@@ -236,7 +236,8 @@ def cmd_vnncomp_run(args: argparse.Namespace) -> int:
 
     folder = Path(args.folder)
     out_csv = Path(args.out) if args.out else folder / "results.csv"
-    rows = run_benchmark(folder, out_csv, bound_method=args.bound_method, force=args.force)
+    rows = run_benchmark(folder, out_csv, bound_method=args.bound_method, force=args.force,
+                         complete=not args.no_milp)
     counts: dict[str, int] = {}
     for row in rows:
         counts[row["result"]] = counts.get(row["result"], 0) + 1
@@ -340,6 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", default=None, help="summary CSV (default FOLDER/results.csv)")
     q.add_argument("--bound-method", default="crown", help="auto_LiRPA method for hull/standard instances")
     q.add_argument("--force", action="store_true", help="overwrite existing results")
+    q.add_argument("--no-milp", action="store_true", help="skip the exact MILP (HiGHS) that standard and hull "
+                   "instances of piecewise-linear ReLU networks get when bounds and attacks leave them undecided")
     q.set_defaults(func=cmd_vnncomp_run)
 
     p = sub.add_parser("bench", help="per-epoch training time ratios against natural training, one run")

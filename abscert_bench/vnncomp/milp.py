@@ -87,13 +87,13 @@ def extract(model: OnnxModule) -> PiecewiseLinear | None:
             relu_inputs = [torch.cat([p[0][k] for p in parts]) for k in range(len(sizes))]
             y = torch.cat([p[1] for p in parts])
     layers, start = [], n_in
-    for k, z in enumerate(relu_inputs):
-        z = z.reshape(len(basis), -1).numpy()
+    for k, relu_input in enumerate(relu_inputs):
+        z = relu_input.reshape(len(basis), -1).numpy()
         w = (z[1:] - z[0]).T[:, :start]
         layers.append((np.ascontiguousarray(w), z[0].copy()))
         start += sizes[k]
-    y = y.reshape(len(basis), -1).numpy()
-    form = PiecewiseLinear(n_in, layers, np.ascontiguousarray((y[1:] - y[0]).T), y[0].copy())
+    out = y.reshape(len(basis), -1).numpy()
+    form = PiecewiseLinear(n_in, layers, np.ascontiguousarray((out[1:] - out[0]).T), out[0].copy())
     # affine between ReLUs: the coefficients reproduce the graph on random inputs (ReLUs included)
     generator = torch.Generator().manual_seed(0)
     for _ in range(2):
@@ -119,9 +119,10 @@ class _Layered(torch.nn.Module):
     def __init__(self, form: PiecewiseLinear) -> None:
         super().__init__()
         sizes = [form.n_inputs] + [len(b) for _, b in form.layers]
-        self.blocks = torch.nn.ModuleList()
+        self.blocks: list[list[torch.nn.Linear]] = []
         for w, b in [*form.layers, (form.out_w, form.out_b)]:
-            parts, start = torch.nn.ModuleList(), 0
+            parts: list[torch.nn.Linear] = []
+            start = 0
             for j, size in enumerate(sizes):
                 if start >= w.shape[1]:
                     break
@@ -132,6 +133,7 @@ class _Layered(torch.nn.Module):
                 parts.append(linear)
                 start += size
             self.blocks.append(parts)
+        self.linears = torch.nn.ModuleList([linear for parts in self.blocks for linear in parts])  # registered
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         values = [x]
@@ -161,11 +163,12 @@ def crown_bounds(form: PiecewiseLinear, lower: np.ndarray, upper: np.ndarray, ro
                                        method="CROWN", bound_upper=False)
     nodes = relu_input_nodes(bounded)
     pre = []
-    for node, (_, b) in zip(nodes, form.layers):
-        l, u = node.lower.detach().double().reshape(-1).numpy(), node.upper.detach().double().reshape(-1).numpy()
-        slack = 1e-5 * (1 + np.maximum(np.abs(l), np.abs(u)))  # float32 bounds of a float64 program
-        pre.append((l - slack, u + slack))
-    if len(pre) != len(form.layers) or any(len(l) != len(b) for (l, _), (_, b) in zip(pre, form.layers)):
+    for node in nodes:
+        lo_k = node.lower.detach().double().reshape(-1).numpy()
+        hi_k = node.upper.detach().double().reshape(-1).numpy()
+        slack = 1e-5 * (1 + np.maximum(np.abs(lo_k), np.abs(hi_k)))  # float32 bounds of a float64 program
+        pre.append((lo_k - slack, hi_k + slack))
+    if len(pre) != len(form.layers) or any(len(p[0]) != len(b) for p, (_, b) in zip(pre, form.layers)):
         return None, None
     return pre, lb.detach().double().reshape(-1).numpy()
 
@@ -228,11 +231,15 @@ def decide(form: PiecewiseLinear, prop: VnnlibProperty, model: torch.nn.Module, 
     if row_lower is not None:
         done = {d for i, d in enumerate(owner) if row_lower[i] - b_all[i] > UNSAT_MARGIN}
     n_v = form.n_variables
-    unstable = [(k, i) for k, (lo, hi) in enumerate(pre) for i in np.flatnonzero((lo < 0) & (hi > 0))]
+    unstable = [(k, int(i)) for k, (lo, hi) in enumerate(pre) for i in np.flatnonzero((lo < 0) & (hi > 0))]
     n_d = len(unstable)
     n_corner = int(np.sum(upper > lower)) if binary_inputs else 0
     n = n_v + n_d + n_corner + 1  # variables: v, δ, corner choices, t
-    rows, cols, vals, lb, ub = [], [], [], [], []
+    rows: list[int] = []
+    cols: list[int] = []
+    vals: list[float] = []
+    lb: list[float] = []
+    ub: list[float] = []
 
     def add(entries: list[tuple[int, float]], dense: tuple[np.ndarray, int] | None, lo: float, hi: float) -> None:
         r = len(lb)
@@ -266,8 +273,8 @@ def decide(form: PiecewiseLinear, prop: VnnlibProperty, model: torch.nn.Module, 
             add([(a, 1.0), (d, -lo[i])], (-w[i], 0), -np.inf, b[i] - lo[i])  # a - z + l·δ <= -l
         offset += len(b)
     if binary_inputs:  # x_i = lower_i + (upper_i - lower_i)·c_i, c_i binary
-        for j, i in enumerate(np.flatnonzero(upper > lower)):
-            add([(int(i), 1.0), (n_v + n_d + j, -(upper[i] - lower[i]))], None, lower[i], lower[i])
+        for j, pixel in enumerate(np.flatnonzero(upper > lower).tolist()):
+            add([(pixel, 1.0), (n_v + n_d + j, -(upper[pixel] - lower[pixel]))], None, lower[pixel], lower[pixel])
     base = csr_matrix((vals, (rows, cols)), shape=(len(lb), n)) if lb else None
     bounds_lo = np.concatenate([v_lo, np.zeros(n_d + n_corner), [-np.inf]])
     bounds_hi = np.concatenate([v_hi, np.ones(n_d + n_corner), [np.inf]])

@@ -254,16 +254,18 @@ class OnnxModule(nn.Module):
         for (inputs, outputs, fn), op in zip(self._steps, self._step_ops):
             args = [values[n] if n in values else (self._constant(n) if n else None) for n in inputs]
             if op == "Relu":
-                relu_inputs.append(args[0])
+                z = args[0]
+                assert isinstance(z, torch.Tensor)
+                relu_inputs.append(z)
                 if replace_relus is not None:
-                    values[outputs[0]] = replace_relus[len(relu_inputs) - 1].reshape(args[0].shape)
+                    values[outputs[0]] = replace_relus[len(relu_inputs) - 1].reshape(z.shape)
                     continue
             values[outputs[0]] = fn(*args)
         if self.output_name not in values:
             raise UserError(f"{self.path}: the output does not depend on the input")
         return relu_inputs, values[self.output_name]
 
-    def float64_copy(self) -> "OnnxModule":
+    def float64_copy(self) -> OnnxModule:
         """A copy computing in float64 (weights and constants converted; the graph has no Cast for this to make
         sense — `milp.extract` only uses it on Cast-free graphs)."""
         import copy

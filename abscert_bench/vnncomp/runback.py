@@ -6,7 +6,11 @@ Per instance the answer is `unsat`, `sat` (with a counterexample re-checked on t
 - standard and hull instances (no Floor): an attack for `sat`, auto_LiRPA bounds (CROWN by default) on the
   box with the parsed output condition for `unsat`. Hull instances report `sat` only for witnesses at box
   corners, which are realisable abstract inputs (every pixel at the first or last reachable cell), so a
-  hull `sat` is also a real counterexample of the deployed classifier.
+  hull `sat` is also a real counterexample of the deployed classifier. What bounds and attacks leave open on a
+  piecewise-linear ReLU network goes to the exact MILP (`milp.py`, HiGHS, the rest of the instance's time):
+  `unsat` when every disjunct is refuted with a margin, `sat` only with a witness re-checked on the network
+  (for hull instances a box corner: an interior witness is searched again among the corners, and without one
+  the answer stays `unknown`).
 - deployed instances (Floor): `sat` from a corner search guided by the hull network, re-checked on the
   deployed ONNX; `unsat` by mapping back to the network N (`onnx/network.onnx`) and the abstraction named
   in benchmark.json: the project's `abscert-sound` verifier when it is registered, else CROWN on the hull
@@ -208,8 +212,10 @@ class RunBack:
     """Solves the instances of one folder, caching loaded networks and bounded modules."""
 
     def __init__(self, folder: Path, bound_method: str, attack_steps: int, attack_restarts: int, seed: int,
-                 use_sound_verifier: bool) -> None:
+                 use_sound_verifier: bool, complete: bool = True) -> None:
         self.folder = folder
+        self.complete = complete  # the exact MILP (vnncomp/milp.py) after bounds and attacks leave `unknown`
+        self._forms: dict[str, Any] = {}
         self.bounder = Bounder(bound_method)
         self.steps, self.restarts = attack_steps, attack_restarts
         self.generator = torch.Generator().manual_seed(seed)
@@ -236,6 +242,41 @@ class RunBack:
             except Exception:
                 raise UserError(f"corrupt {self.folder / IMAGES}") from None
         return meta, by_instance, images
+
+    def exact(self, model: OnnxModule, prop: VnnlibProperty, budget: Budget, corners: bool = False) -> Outcome | None:
+        """The MILP's answer on the loaded network with what is left of the budget; None when it does not apply
+        (not a piecewise-linear ReLU graph, too large, switched off). `corners`: the instance is a hull one, so a
+        witness must be a box corner (a realisable abstract input) to count as `sat`."""
+        from .milp import decide, extract
+
+        if not self.complete:
+            return None
+        key = str(model.path)
+        if key not in self._forms:
+            self._forms[key] = extract(model)
+        form = self._forms[key]
+        if form is None:
+            return None
+        left = budget.deadline - time.perf_counter()
+        if left <= 0:
+            raise Timeout()
+        found = decide(form, prop, model, left)
+        if found.result == "sat" and corners and found.x is not None:
+            at_corner = np.all((found.x == prop.lower.astype(np.float32)) | (found.x == prop.upper.astype(np.float32)))
+            if not at_corner:  # an interior point of the hull box: look for a corner witness instead
+                left = budget.deadline - time.perf_counter()
+                if left <= 0:
+                    raise Timeout()
+                found = decide(form, prop, model, left, binary_inputs=True)
+                if found.result == "unsat":  # no corner violates: the hull network does only in between
+                    return Outcome("unknown", "milp")
+        if found.result == "unknown":
+            return None
+        if found.result == "sat" and found.x is not None:
+            x = torch.from_numpy(found.x).reshape(1, *model.input_shape[1:])
+            witness = _witness(model, prop, x)
+            return Outcome("sat", "milp", witness.x, witness.y) if witness is not None else None
+        return Outcome(found.result, "milp")
 
     def model(self, rel: str) -> OnnxModule:
         """The loaded ONNX network (cached)."""
@@ -286,7 +327,7 @@ class RunBack:
         found = box_attack(model, prop, shape, budget, starts, self.steps, self.restarts, self.generator)
         if found is not None:
             return Outcome("sat", "pgd", found.x, found.y)
-        return Outcome("unknown")
+        return self.exact(model, prop, budget) or Outcome("unknown")
 
     def _pixel_to_input(self, z: torch.Tensor) -> torch.Tensor:
         """Per-pixel corner choice → per-input-variable choice of the hull network (region: both ends)."""
@@ -318,7 +359,7 @@ class RunBack:
                               pixels, budget, self.steps, self.restarts, self.generator)
         if found is not None:
             return Outcome("sat", "corner", found.x, found.y)
-        return Outcome("unknown")
+        return self.exact(model, prop, budget, corners=True) or Outcome("unknown")
 
     def _hull_of_ball(self, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Hull box of the abstract inputs of the concrete box [lo, hi] (the clipped ball)."""
@@ -444,8 +485,10 @@ def _is_own_csv(path: Path) -> bool:
 
 def run_benchmark(folder: Path, out_csv: Path | None = None, bound_method: str = "crown", attack_steps: int = 30,
                   attack_restarts: int = 2, seed: int = 0, use_sound_verifier: bool = True,
-                  progress: Callable[[dict[str, Any]], None] | None = None, force: bool = True) -> list[dict[str, Any]]:
-    """Solve every instance of a folder; write one VNN-COMP result file per instance (in the folder named
+                  progress: Callable[[dict[str, Any]], None] | None = None, force: bool = True,
+                  complete: bool = True) -> list[dict[str, Any]]:
+    """Solve every instance of a folder (`complete`: with the exact MILP for piecewise-linear networks after the
+    bounds and attacks, within each instance's timeout); write one VNN-COMP result file per instance (in the folder named
     like `out_csv` without its suffix) and the summary CSV `out_csv` (default FOLDER/results.csv).
 
     Existing results need `force`, and are replaced only when abscert-bench wrote them (the CSV by its header,
@@ -466,7 +509,7 @@ def run_benchmark(folder: Path, out_csv: Path | None = None, bound_method: str =
             raise UserError(f"{out_csv} exists; pass --force to overwrite it")
     check_writable(out_csv)
     prepare_folder(results_dir, RESULTS, force, option="results folder", remove=False)  # refused before any work
-    solver = RunBack(folder, bound_method, attack_steps, attack_restarts, seed, use_sound_verifier)
+    solver = RunBack(folder, bound_method, attack_steps, attack_restarts, seed, use_sound_verifier, complete)
     # Load and parse everything first, so a bad file fails before any work.
     for onnx_rel, vnn_rel, _, _ in instances:
         model = solver.model(onnx_rel)

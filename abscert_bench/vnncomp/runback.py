@@ -488,8 +488,8 @@ def run_benchmark(folder: Path, out_csv: Path | None = None, bound_method: str =
                   progress: Callable[[dict[str, Any]], None] | None = None, force: bool = True,
                   complete: bool = True) -> list[dict[str, Any]]:
     """Solve every instance of a folder (`complete`: with the exact MILP for piecewise-linear networks after the
-    bounds and attacks, within each instance's timeout); write one VNN-COMP result file per instance (in the folder named
-    like `out_csv` without its suffix) and the summary CSV `out_csv` (default FOLDER/results.csv).
+    bounds and attacks, within each instance's timeout); write one VNN-COMP result file per instance (in the
+    folder named like `out_csv` without its suffix) and the summary CSV `out_csv` (default FOLDER/results.csv).
 
     Existing results need `force`, and are replaced only when abscert-bench wrote them (the CSV by its header,
     the results folder by its marker, or, from earlier versions, by holding nothing but result files)."""

@@ -6,7 +6,10 @@ import json
 import os
 import shutil
 import stat
+import subprocess
+import sys
 import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -464,3 +467,17 @@ def test_committed_results_are_recognised(tmp_path):
     (mine / "suite.json").write_text('{"name": "mine"}')
     (mine / "benchmark.json").write_text('{"format": 1}')
     assert not any(is_kind(mine, kind) for kind in (RUN, EXPORT, STORE_KIND, PLOTS))
+
+
+@pytest.mark.skipif(os.getuid() != 0 or shutil.which("setpriv") is None,
+                    reason="only as root with setpriv: elsewhere the read-only cases above run themselves")
+def test_unwritable_cases_rerun_as_root_without_the_override_capability():
+    """CI runs as root, where a 0555 folder stops nothing: run the read-only cases again in a child whose
+    capability bounding set lacks CAP_DAC_OVERRIDE / CAP_DAC_READ_SEARCH, so the modes hold, and require that
+    none of them skipped."""
+    done = subprocess.run(
+        ["setpriv", "--bounding-set=-dac_override,-dac_read_search", sys.executable, "-m", "pytest", "-q", "-rs",
+         "-p", "no:cacheprovider", str(Path(__file__)), "-k", "read_only"],
+        capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    assert "7 passed" in done.stdout and "skipped" not in done.stdout, done.stdout[-2000:]

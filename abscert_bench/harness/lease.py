@@ -148,11 +148,13 @@ def leases(staging_dir: Path, cell_id: str | None = None) -> list[LeaseFile]:
 
 
 def live_attempts(staging_dir: Path, workers: Callable[[str], Iterable[str] | None] | None = None) -> set[str]:
-    """Attempt ids of the live leases in `staging_dir` (an unreadable live lease protects its generation's name)."""
+    """Attempt ids of the live leases in `staging_dir`, and the names of those lease files."""
     live = set()
     for lease in leases(staging_dir):
         if lease.expired(workers=workers) is None:
-            live.add(lease.attempt or lease.path.name)
+            live.add(lease.path.name)
+            if lease.attempt:
+                live.add(lease.attempt)
     return live
 
 

@@ -141,7 +141,7 @@ class Store:
         if self.staging_dir.exists():
             live = live_attempts(self.staging_dir, workers)
             for child in self.staging_dir.iterdir():
-                if any(attempt in child.name for attempt in live):
+                if child.name in live or any(attempt in child.name for attempt in live):
                     continue
                 shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink(missing_ok=True)
                 if LEASE_RE.match(child.name) is None:

@@ -210,6 +210,27 @@ def scheduler_workers() -> Callable[[str], Iterable[str] | None] | None:
     return workers
 
 
+def _create(path: Path, text: str, tmp: Path) -> bool:
+    """Create `path` holding `text` unless it exists (False then); whole at once (a hard link of `tmp`) where the
+    filesystem has hard links, else by O_EXCL (a reader may then see it empty for a moment: still live)."""
+    tmp.write_text(text)
+    try:
+        os.link(tmp, path)
+        return True
+    except FileExistsError:
+        return False
+    except OSError:  # no hard links here
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+        return True
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 class Lease:
     """A held lease: a heartbeat thread refreshes it; `release()` removes it."""
 
@@ -303,14 +324,8 @@ def acquire(staging_dir: Path, cell_id: str, info: dict[str, Any], complete: Cal
         data = {**info, "cell": cell_id, "heartbeat": time.time(), "timeout_s": timeout,
                 "acquired": time.time()}
         path = staging_dir / f"{cell_id}.lease.{gen}"
-        tmp = staging_dir / f"{cell_id}.lease-new.{info['attempt']}"
-        tmp.write_text(json.dumps(data))
-        try:
-            os.link(tmp, path)  # fails if that generation exists: exactly one attempt wins it
-        except FileExistsError:
+        if not _create(path, json.dumps(data), staging_dir / f"{cell_id}.lease-new.{info['attempt']}"):
             continue
-        finally:
-            tmp.unlink(missing_ok=True)
         lease = Lease(path, data)
         # Another attempt may have won a lower generation meanwhile (it read the directory later): it keeps the cell.
         rivals = [other for other in leases(staging_dir, cell_id)

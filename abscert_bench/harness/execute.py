@@ -10,6 +10,7 @@ import functools
 import gc
 import os
 import platform
+import shutil
 import socket
 import time
 import traceback
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
+from .lease import Lease, acquire, new_attempt_id, owner_info
 from .spec import VERIFIER_LIMIT, cell_method, training_key
 from .store import COMPLETE, Store, link_tree
 from .watchdog import CapExceeded, StageGuard
@@ -95,18 +97,47 @@ def resize_images(x, shape: list[int]):
 
 
 def run_cell(params: dict[str, Any], cell_id: str, store_root: str, data_root: str | None = None,
-             torch_threads: int | None = None, after: Any = None) -> dict[str, Any]:
+             torch_threads: int | None = None, after: Any = None, submission: str | None = None) -> dict[str, Any]:
     """Run the cell and commit its result into the store; returns the committed result (never raises).
-    `after` is ignored: on Dask it is the result of a cell this one must wait for (the one training its model)."""
-    started = time.perf_counter()
+    `after` is ignored: on Dask it is the result of a cell this one must wait for (the one training its model).
+    The attempt first takes the cell's lease (lease.py): while another attempt holds a live one it waits, and
+    when that one commits the cell it returns the committed result without running anything.
+    `submission`: the client's id for this task, logged once the attempt owns the cell (so the client can tell
+    a task that died before it started from one that died running)."""
     store = Store(store_root)
+    if not (store.root / "suite.json").exists():  # this process does not see the client's store: write nothing
+        return {"id": cell_id, "cell": params, "status": "failed", "stages": {}, "store_missing": True,
+                "host": socket.gethostname(), "pid": os.getpid(),
+                "error": f"the results store {store.root} does not exist on host {socket.gethostname()} "
+                         "(not a shared filesystem?)"}
     log = CellLog(store.log_path(cell_id))
+    attempt = new_attempt_id()
+    lease = acquire(store.staging_dir, cell_id, owner_info(attempt, submission),
+                    complete=lambda: store.is_complete(cell_id), log=log)
+    if lease is None:
+        committed = store.result(cell_id) or {"id": cell_id, "cell": params, "status": "failed", "stages": {},
+                                               "error": "the committed result vanished"}
+        log(f"attempt {attempt} (submission {submission}): committed by attempt {committed.get('attempt', '?')}, "
+            "nothing to do")
+        return committed
+    started = time.perf_counter()
     result: dict[str, Any] = {
         "id": cell_id, "cell": params, "status": "done", "stages": {}, "started": _now(),
         "host": socket.gethostname(), "pid": os.getpid(), "python": platform.python_version(),
+        "attempt": attempt, "submission": submission,
     }
-    staging = store.staging(cell_id)
-    log(f"=== attempt on {result['host']} pid {result['pid']} → {staging.name}")
+    try:
+        staging = store.staging(cell_id, attempt)
+        log(f"=== attempt {attempt} (submission {submission}) on {result['host']} pid {result['pid']} → "
+            f"{staging.name}, lease {lease.path.name}")
+        return _attempt(params, cell_id, store, staging, result, started, data_root, torch_threads, log, lease)
+    finally:
+        lease.release()
+
+
+def _attempt(params: dict[str, Any], cell_id: str, store: Store, staging: Path, result: dict[str, Any],
+             started: float, data_root: str | None, torch_threads: int | None, log: Callable[[str], None],
+             lease: Lease | None) -> dict[str, Any]:
     try:
         import torch
 
@@ -123,17 +154,26 @@ def run_cell(params: dict[str, Any], cell_id: str, store_root: str, data_root: s
         result["traceback"] = traceback.format_exc()
         log(result["traceback"].rstrip())
         if not isinstance(exc, Exception):  # KeyboardInterrupt / SystemExit: record, then let it go
-            _finish(store, staging, cell_id, result, started, log)
+            _finish(store, staging, cell_id, result, started, log, lease)
             raise
-    return _finish(store, staging, cell_id, result, started, log)
+    return _finish(store, staging, cell_id, result, started, log, lease)
 
 
 def _finish(store: Store, staging: Path, cell_id: str, result: dict[str, Any], started: float,
-            log: Callable[[str], None]) -> dict[str, Any]:
+            log: Callable[[str], None], lease: Lease | None = None) -> dict[str, Any]:
     stage_seconds = sum(s.get("seconds", 0.0) for s in result["stages"].values() if not s.get("reused"))
     result["finished"] = _now()
     result["seconds"] = time.perf_counter() - started
     result["harness_overhead_s"] = max(0.0, result["seconds"] - stage_seconds)
+    if lease is not None:
+        lease.stop_heartbeat()
+        if lease.lost or not lease.owned():  # stalled past the timeout: another attempt owns the cell now
+            shutil.rmtree(staging, ignore_errors=True)
+            log(f"attempt {result['attempt']} lost its lease {lease.path.name} (no heartbeat for longer than "
+                f"{lease.data['timeout_s']:g} s): another attempt took the cell over; nothing committed")
+            committed = store.result(cell_id)
+            return committed if committed is not None else {**result, "status": "failed", "lease_lost": True,
+                                                             "error": "lost its lease to another attempt"}
     log(f"status {result['status']}" + (f": {result.get('reason') or result.get('error')}"
                                         if result["status"] != "done" else "")
         + f" ({result['seconds']:.1f} s, harness overhead {result['harness_overhead_s']:.2f} s)")
@@ -183,7 +223,7 @@ def _run_stages(params: dict[str, Any], staging: Path, result: dict[str, Any], d
         if not _train_stage(params, config, dataset, run_dir, result, log):
             return
         store.save_training(key, run_dir, {"params": settings, "train": result["stages"]["train"],
-                                           "cell": result["id"]})
+                                           "cell": result["id"]}, attempt=result.get("attempt"))
     verify_stages(params, run_dir, dataset, result, log)
     if params.get("export"):
         export_stage(params, run_dir, staging, result, data_root, log)

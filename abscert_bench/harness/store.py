@@ -6,7 +6,8 @@ Layout (OUT = `run --out`):
     OUT/spec.toml             the spec text that wrote the store
     OUT/cells/<id>/           a committed cell: result.json (+ run/ and, when exported, vnncomp/)
     OUT/logs/<id>.log         every attempt's log lines and tracebacks, appended
-    OUT/.staging/             cells being built; whatever is here when a run starts is debris from a killed one
+    OUT/.staging/             cells being built, each owned by its attempt's lease (lease.py); what no live lease
+                              owns is debris from a killed attempt, removed when a run starts and ends
     OUT/partial/<key>/        a finished training (run/ + train.json), kept until the cells using it commit, so
                               a cell killed or crashed during verification or export does not train again
                               (key = spec.training_key: the cell id, or one id for natural cells of all eps)
@@ -141,13 +142,21 @@ class Store:
             self._lock_handle.close()
             self._lock_handle = None
 
-    def clear_debris(self) -> list[str]:
-        """Remove half-built cells left by a killed run; returns their names."""
+    def clear_debris(self, workers: Any = None) -> list[str]:
+        """Remove half-built cells left by killed attempts; returns their names. Whatever belongs to an attempt
+        that still holds a live lease (see lease.py) is kept: that attempt is running, here or on a cluster.
+        `workers(scheduler address)`: the workers that scheduler has now, to recognise dead Dask workers."""
+        from .lease import LEASE_RE, live_attempts
+
         removed = []
         if self.staging_dir.exists():
+            live = live_attempts(self.staging_dir, workers)
             for child in self.staging_dir.iterdir():
+                if child.name in live or any(attempt in child.name for attempt in live):
+                    continue
                 shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink(missing_ok=True)
-                removed.append(child.name)
+                if LEASE_RE.match(child.name) is None:
+                    removed.append(child.name)
         return removed
 
     # -- cells -------------------------------------------------------------------------------------------------
@@ -178,9 +187,9 @@ class Store:
             if result is not None:
                 yield self.cell_dir(name), result
 
-    def staging(self, cell_id: str) -> Path:
-        """A fresh private directory to build a cell in."""
-        path = self.staging_dir / f"{cell_id}.{uuid.uuid4().hex[:12]}"
+    def staging(self, cell_id: str, attempt: str | None = None) -> Path:
+        """A fresh private directory to build a cell in (named after the attempt that owns it, see lease.py)."""
+        path = self.staging_dir / f"{cell_id}.{attempt or uuid.uuid4().hex[:12]}"
         path.mkdir(parents=True)
         return path
 
@@ -225,9 +234,9 @@ class Store:
             return None
         return folder / "run", record
 
-    def save_training(self, key: str, run_dir: Path, record: dict[str, Any]) -> None:
+    def save_training(self, key: str, run_dir: Path, record: dict[str, Any], attempt: str | None = None) -> None:
         """Keep a copy (hard links where possible) of a finished training under partial/<key>, atomically."""
-        tmp = self.staging(key + ".training")
+        tmp = self.staging(key + ".training", attempt)
         link_tree(run_dir, tmp / "run")
         write_json(tmp / TRAINING_RECORD, record)
         self.partial_dir.mkdir(exist_ok=True)

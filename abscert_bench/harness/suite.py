@@ -22,6 +22,7 @@ class SuiteReport:
     already: list[str] = field(default_factory=list)
     ran: dict[str, dict[str, Any]] = field(default_factory=dict)
     debris: list[str] = field(default_factory=list)
+    cleaned: list[str] = field(default_factory=list)  # debris of attempts killed during this run, removed at its end
     seconds: float = 0.0
     cells_seconds: float = 0.0  # from the first cell started to the last finished (no cluster start/stop)
 
@@ -38,6 +39,8 @@ class SuiteReport:
         lines = [", ".join(parts) + f" ({self.seconds:.1f} s) → {self.store}"]
         if self.debris:
             lines.append(f"removed {len(self.debris)} half-built cell(s) left by an interrupted run")
+        if self.cleaned:
+            lines.append(f"removed {len(self.cleaned)} half-built cell(s) of attempts killed during this run")
         skipped = sorted({r.get("reason", "") for r in self.ran.values() if r["status"] == "skipped"})
         lines += [f"skipped: {reason}" for reason in skipped]
         for cell_id, r in sorted(self.ran.items()):
@@ -92,9 +95,11 @@ def run_suite(
             from .cluster import run_on_dask
 
             report.cells_seconds = run_on_dask(pending, root, data_root, finished, workers=workers,
-                                               scheduler=scheduler, torch_threads=torch_threads or 1, store=store)
+                                               scheduler=scheduler, torch_threads=torch_threads or 1, store=store,
+                                               cleaned=report.cleaned)
         if bar is not None:
             bar.close()
+        report.cleaned += store.clear_debris()  # what killed attempts left; live attempts' folders are kept
         drop_shared_trainings(spec, store)
         report.seconds = time.perf_counter() - start
         return report

@@ -29,10 +29,12 @@ def check_granularity(d: float) -> float:
     d = float(d)
     if not math.isfinite(d) or d <= 0 or d > 1:
         raise UserError(f"granularity d must be in (0, 1], got {d}")
-    excess = 1.0 / d - math.floor(1.0 / d)
-    if 1e-9 < excess <= EDGE_TOLERANCE:
-        raise UserError(f"granularity d = {d} leaves a last cell narrower than the edge tolerance; "
-                        f"use d = 1/{math.floor(1.0 / d)} exactly or a d further from it")
+    cells = round(1.0 / d)
+    if 1e-9 < abs(1.0 / d - cells) <= EDGE_TOLERANCE:  # near 1/K on either side: a sliver or an overhanging cell
+        why = ("its last cell would be narrower than the tolerance" if 1.0 / d > cells
+               else f"cell edge {cells}·d would overhang 1 by less than the tolerance")
+        raise UserError(f"granularity d = {d} is within the edge tolerance of, but not equal to, 1/{cells} ({why}); "
+                        f"use d = 1/{cells} exactly or a d further from it")
     return d
 
 

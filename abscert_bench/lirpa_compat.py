@@ -94,6 +94,24 @@ def _shim_named_members(bound_module_cls: type[nn.Module]) -> None:
     _APPLIED.append("BoundedModule._named_members")
 
 
+def _import_keeping_warning_filters(name: str) -> ModuleType:
+    """Import `name` without letting it change the process's warning filters.
+
+    auto_LiRPA calls `warnings.simplefilter("once")` at import (bound_general.py, utils.py), which turns on every
+    DeprecationWarning of every library for the rest of the process, and its operators' `@torch.jit.script`
+    raise torch's deprecation warning while it imports. The filters are restored afterwards and warnings raised
+    during the import are re-issued through them, except that one known torch.jit deprecation."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        module = importlib.import_module(name)
+    for w in caught:
+        if issubclass(w.category, DeprecationWarning) and str(w.message).startswith("`torch.jit.script` is deprecated"):
+            continue
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return module
+
+
 def lirpa() -> ModuleType:
     """Return the `auto_LiRPA` module with every needed compatibility shim applied."""
     if getattr(lirpa, "_done", False):
@@ -103,7 +121,7 @@ def lirpa() -> ModuleType:
     _shim_node_getitem()
     _shim_gather_elements()
     try:
-        module = importlib.import_module("auto_LiRPA")
+        module = _import_keeping_warning_filters("auto_LiRPA")
     except ImportError as exc:
         from .errors import UserError
 

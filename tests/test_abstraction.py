@@ -24,8 +24,7 @@ GRANULARITIES = [0.05, 0.1, 0.2, 0.25, 0.3, 0.4, 0.5, 1.0, 51 / 255, 0.15]
 
 
 def _usable(d: float) -> bool:
-    excess = 1 / d - int(1 / d)
-    return not (1e-9 < excess <= 2.0 ** -16)
+    return not (1e-9 < abs(1 / d - round(1 / d)) <= 2.0 ** -16)
 
 
 granularity = st.sampled_from(GRANULARITIES) | st.floats(0.01, 1.0).filter(_usable)
@@ -127,6 +126,18 @@ def test_bad_eps(bad):
 def test_granularity_just_below_one_over_k_is_refused():
     with pytest.raises(UserError, match="narrower"):
         Abstraction("point", 0.99999)
+
+
+@pytest.mark.parametrize("d", [1 / 3 + 1e-9, 0.2 + 1e-8, 0.5 + 1e-7])
+def test_granularity_just_above_one_over_k_is_refused(d):
+    """The README's rule holds on both sides of 1/K: within the tolerance of it but not equal is refused."""
+    with pytest.raises(UserError, match="overhang"):
+        Abstraction("point", d)
+
+
+@pytest.mark.parametrize("d", [1 / 3, 1 / 7, 0.2, 1.0])
+def test_granularity_one_over_k_is_accepted(d):
+    assert Abstraction("point", d).d == d
 
 
 def test_bad_variant():

@@ -86,7 +86,7 @@ def test_unknown_verifier_and_bad_checkpoints(tmp_path, capsys):
     code, _, err = run_cli(capsys, "verify", str(run), "--eps", "2")
     assert_one_line_error(code, err, "eps must be in [0, 1]")
     code, _, err = run_cli(capsys, "verify", str(run), "--timeout", "0")
-    assert_one_line_error(code, err, "timeout must be > 0")
+    assert_one_line_error(code, err, "--timeout: must be > 0")
 
     corrupt = tmp_path / "corrupt"
     shutil.copytree(run, corrupt)
@@ -151,7 +151,7 @@ def test_verify_memory_budget(tmp_path, capsys, monkeypatch):
     run = tmp_path / "run"
     assert run_cli(capsys, "train", "--method", "natural", "--model", "fc3", "--epochs", "1", "--out", str(run))[0] == 0
     code, _, err = run_cli(capsys, "verify", str(run), "--verifiers", "crown", "--limit", "5", "--memory-mb", "0")
-    assert_one_line_error(code, err, "memory budget must be > 0")
+    assert_one_line_error(code, err, "--memory-mb: must be > 0")
     monkeypatch.setattr(budget.MemoryWatch, "_growth", lambda self: 1e9)  # every bound looks too big
     code, out, _ = run_cli(capsys, "verify", str(run), "--verifiers", "crown", "--limit", "5", "--memory-mb", "64")
     assert code == 0

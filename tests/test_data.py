@@ -143,7 +143,7 @@ def test_missing_files_message(tmp_path: Path, name: str) -> None:
     for f in IDX_FILES:
         assert f in msg
     assert str(tmp_path / name) in msg
-    assert f"run: abscert-bench data prepare --root {tmp_path}" in msg
+    assert f"run: abscert-bench data prepare --data-root {tmp_path}" in msg
 
 
 def test_missing_one_file_names_only_it(tmp_path: Path) -> None:

@@ -138,7 +138,7 @@ def load_idx_dataset(name: str, root: Path, subdir: str | None = None, num_class
     if missing:
         raise UserError(
             f"{name} data not found: missing {', '.join(f + '[.gz]' for f in missing)} "
-            f"in {directory}; run: abscert-bench data prepare --root {root}"
+            f"in {directory}; run: abscert-bench data prepare --data-root {root}"
         )
     arrays = [read_idx(found[f]) for f in IDX_FILES]  # type: ignore[arg-type]
     train_x, train_y = _to_tensors(arrays[0], arrays[1], name, "train")

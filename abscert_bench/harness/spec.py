@@ -130,6 +130,8 @@ def load_spec(path: str | Path) -> Spec:
         text = path.read_text()
     except FileNotFoundError:
         raise UserError(f"no such spec file {path}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"spec {path} is not a text file (binary or not UTF-8)") from None
     except OSError as exc:
         raise UserError(f"cannot read spec {path}: {exc.strerror}") from None
     try:
@@ -213,6 +215,8 @@ def parse_spec(data: dict[str, Any], source: str = "<spec>", text: str = "", def
 
     verify = {**VERIFY_DEFAULTS, **check.table(data.get("verify"), "verify", set(VERIFY_DEFAULTS))}
     verifiers = check.string_list(verify["verifiers"], "verify.verifiers")
+    if not verifiers:
+        raise check.fail("verify.verifiers", "empty list (name at least one verifier)")
     known_verifiers = all_verifier_names()
     for i, v in enumerate(verifiers):
         check.registered(v, f"verify.verifiers[{i}]", VERIFIERS)

@@ -20,7 +20,6 @@ abscert_bench.verification.base.VerifierMeta), declared where each verifier is r
 """
 from __future__ import annotations
 
-import json
 import math
 import statistics
 from pathlib import Path
@@ -28,7 +27,16 @@ from typing import Any
 
 from ..errors import UserError
 from ..official import TEST_SELECTION_MARK, format_eps, mark_label, paper_eps, table_notes
-from ..rundir import read_csv, read_json
+from ..validate import (
+    check_fields,
+    float_field,
+    is_int,
+    is_number,
+    read_csv_file,
+    read_json_file,
+    read_run_config,
+    read_verifier_summary,
+)
 
 
 def _meta(name: str):
@@ -65,12 +73,18 @@ def find_runs(paths: list[Path]) -> list[Path]:
 
 def run_rows(run_dir: Path) -> list[dict[str, Any]]:
     """Table rows of one run: one per verified eps (or one without verification)."""
-    config = read_json(run_dir / "config.json")
-    metrics = read_csv(run_dir / "metrics.csv")
-    epoch_times = [float(m["train_time_s"]) for m in metrics]
+    config = read_run_config(run_dir)
+    metrics_path = run_dir / "metrics.csv"
+    metrics = read_csv_file(metrics_path)
+    epoch_times = [float_field(m, "train_time_s", metrics_path, i) for i, m in enumerate(metrics, start=2)]
+    for i, m in enumerate(metrics, start=2):
+        float_field(m, "test_acc", metrics_path, i)
     options = config.get("method_options") or {}
     protocol = config.get("protocol", "pixel")
     if protocol != "pixel":  # official / clean: our pixel d = 1/K and the paper's cell width 2/K
+        if not is_int(config.get("cells")) or not is_number(options.get("d")):
+            raise UserError(f"{run_dir / 'config.json'}: protocol {protocol} needs integer 'cells' and "
+                            f"method_options.d")
         cells = int(config["cells"])
         method = f"{config['method']} ({protocol}, d={options['d']:.4g}=1/{cells}, paper η {2 / cells:.3g})"
     else:
@@ -94,12 +108,16 @@ def run_rows(run_dir: Path) -> list[dict[str, Any]]:
                  **({"paper_eps": paper_eps(config["eps"])} if protocol != "pixel" else {})}]
     rows = []
     for eps_dir in eps_dirs:
-        fields = dict(part.split("=", 1) for part in eps_dir.name.split(","))
-        row = {**base, "eps": float(fields["eps"])}
+        try:
+            fields = dict(part.split("=", 1) for part in eps_dir.name.split(","))
+            row = {**base, "eps": float(fields["eps"])}
+        except (ValueError, KeyError):
+            raise UserError(f"{eps_dir}: not a results folder written by verify (expected eps=E or "
+                            f"eps=E,first=N)") from None
         if protocol != "pixel":
             row["paper_eps"] = paper_eps(row["eps"])
         for summary_path in sorted(eps_dir.glob("*.json")):
-            summary = json.loads(summary_path.read_text())
+            summary = read_verifier_summary(summary_path)
             name = summary["verifier"]
             row[f"{name}:samples"] = summary["samples"]
             row[f"{name}:verified_acc"] = (1 - summary["falsified_fraction"]) if summary.get("attack_only") \
@@ -117,8 +135,8 @@ def paper_vs_sound(eps_dir: Path) -> dict[str, Any]:
     paper, sound = eps_dir / "abscert-paper.csv", eps_dir / "abscert-sound.csv"
     if not (paper.exists() and sound.exists()):
         return {}
-    accepted = {r["index"] for r in read_csv(paper) if r["status"] == "verified"}
-    falsified = {r["index"] for r in read_csv(sound) if r["status"] == "falsified"}
+    accepted = {r.get("index") for r in read_csv_file(paper) if r.get("status") == "verified"}
+    falsified = {r.get("index") for r in read_csv_file(sound) if r.get("status") == "falsified"}
     return {"paper_accepted_sound_falsified": len(accepted & falsified)}
 
 
@@ -203,8 +221,10 @@ def load_rows(path: str | Path) -> list[dict[str, Any]]:
         return [{**r, "label": r["method"], "seed": 0} for r in rows]
     from .store import Store
 
+    store = Store(path)
+    read_json_file(path / "suite.json")
     rows = []
-    for cell_dir, result in Store(path).results():
+    for cell_dir, result in checked_results(store):
         if result["status"] not in ("done", "stopped"):
             continue
         cell = result["cell"]
@@ -228,6 +248,34 @@ def load_rows(path: str | Path) -> list[dict[str, Any]]:
     if not rows:
         raise UserError(f"no complete cells with results in {path}")
     return rows
+
+
+CELL_KEYS = {"label": lambda v: isinstance(v, str), "method": lambda v: isinstance(v, str),
+             "model": lambda v: isinstance(v, str), "dataset": lambda v: isinstance(v, str), "eps": is_number,
+             "seed": is_int}
+
+
+def checked_results(store: Any) -> list[tuple[Path, dict[str, Any]]]:
+    """Every committed cell of a store with a well-formed result.json; a cell folder whose result.json is
+    missing, corrupt or malformed is a UserError naming it (never skipped silently)."""
+    results = dict(store.results())
+    checked = []
+    if store.cells_dir.exists():
+        for cell_dir in sorted(p for p in store.cells_dir.iterdir()):
+            path = cell_dir / "result.json"
+            result = results.get(cell_dir)
+            if result is None:
+                raw = read_json_file(path) if cell_dir.is_dir() else None
+                raise UserError(f"unreadable cell {path}: "
+                                + ("not a cell folder" if raw is None else "status, id or run files do not match"))
+            check_fields(result, path, {"id": lambda v: isinstance(v, str), "cell": lambda v: isinstance(v, dict)},
+                         {"stages": lambda v: isinstance(v, dict)})
+            check_fields(result["cell"], path, CELL_KEYS)
+            for stage, info in (result.get("stages") or {}).items():
+                if not isinstance(info, dict):
+                    raise UserError(f"{path}: bad value for stage {stage!r}: {info!r}")
+            checked.append((cell_dir, result))
+    return checked
 
 
 def _dataset_label(cell: dict[str, Any]) -> str:
@@ -550,7 +598,7 @@ def scalability_rows(store_root: str | Path) -> list[dict[str, Any]]:
     from .store import Store
 
     rows = []
-    for _, result in Store(store_root).results():
+    for _, result in checked_results(Store(store_root)):
         cell = result["cell"]
         train = result.get("stages", {}).get("train", {})
         row: dict[str, Any] = {

@@ -3,6 +3,7 @@
 import abscert_bench_baselines.training  # noqa: E402,F401
 
 from ..plugins import load_plugins  # noqa: E402
+from . import config  # noqa: E402,F401  (the attribute, also when the CLI loaded config.py before this package)
 from .methods import METHODS, TrainingMethod, create_method
 from .schedule import Schedule
 

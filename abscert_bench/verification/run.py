@@ -14,6 +14,7 @@ from ..owned import check_writable
 from ..rundir import read_json, write_csv, write_json
 from ..sound.recheck import save_counterexamples
 from ..trained import TrainedModel, check_input_shape, load_checkpoint
+from ..validate import read_run_config
 from .base import SampleResult, Verifier, all_verifier_names, create_verifier, summarize, verifier_takes
 from .cascade import run_cascade
 
@@ -102,7 +103,11 @@ def verify_run(
     """Run each verifier (or their cascade) on the run's test split and write the results; return summaries.
 
     `timeout` (s per sample) and `memory_mb` (budget of one bound call) go to every verifier that takes them."""
-    config = read_json(run_dir / "config.json")
+    config = read_run_config(Path(run_dir))
+    if limit is not None and limit < 1:
+        raise UserError(f"limit must be >= 1 (first N test samples), got {limit}")
+    if batch_size < 1:
+        raise UserError(f"batch size must be >= 1, got {batch_size}")
     trained = load_checkpoint(run_dir / "checkpoint.pt", device)
     dataset = load_dataset(config["dataset"], data_root)
     check_input_shape(trained, dataset.input_shape, dataset.name)

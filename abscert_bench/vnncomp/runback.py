@@ -35,6 +35,7 @@ from ..errors import UserError
 from ..owned import RESULTS, check_writable, prepare_folder, report_kept, write_marker
 from ..rundir import read_json, write_csv
 from ..trained import TrainedModel
+from ..validate import check_inside, read_json_file
 from .benchmark import FORMAT, IMAGES, METADATA, check_timeout
 from .onnx_export import hull_network
 from .onnx_loader import OnnxModule, load_onnx
@@ -66,8 +67,12 @@ def read_instances(folder: Path) -> list[tuple[str, str, float, int]]:
     path = folder / "instances.csv"
     if not path.is_file():
         raise UserError(f"missing {path}")
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not a text file (binary or not UTF-8)") from None
     rows = []
-    for number, raw in enumerate(path.read_text().splitlines(), start=1):
+    for number, raw in enumerate(text.splitlines(), start=1):
         line = raw.strip()
         if not line:
             continue
@@ -77,6 +82,7 @@ def read_instances(folder: Path) -> list[tuple[str, str, float, int]]:
         onnx_rel, vnn_rel, timeout = fields
         timeout_s = check_timeout(timeout, f"{path}: line {number}")
         for rel in (onnx_rel, vnn_rel):
+            check_inside(folder, rel, f"{path}: line {number}")
             if not (folder / rel).is_file():
                 raise UserError(f"{path}: line {number}: missing file {folder / rel}")
         rows.append((onnx_rel, vnn_rel, timeout_s, number))
@@ -230,10 +236,14 @@ class RunBack:
         path = self.folder / METADATA
         if not path.exists():
             return {}, {}, None
-        meta = read_json(path)
+        meta = read_json_file(path, None)
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             raise UserError(f"{path} is not an abscert-bench benchmark description")
-        by_instance = {(i["onnx"], i["vnnlib"]): i for i in meta.get("instances", [])}
+        instances = meta.get("instances", [])
+        if not isinstance(instances, list) or not all(isinstance(i, dict) and "onnx" in i and "vnnlib" in i
+                                                      for i in instances):
+            raise UserError(f"{path}: malformed instances list")
+        by_instance = {(i["onnx"], i["vnnlib"]): i for i in instances}
         images = None
         if (self.folder / IMAGES).exists():
             try:
@@ -459,7 +469,12 @@ def format_result(outcome: Outcome) -> str:
 
 def read_result(path: Path) -> tuple[str, np.ndarray | None, np.ndarray | None]:
     """Parse a result file back: (result, x, y) with x/y only for sat."""
-    lines = Path(path).read_text().split(None, 1)
+    try:
+        lines = Path(path).read_text().split(None, 1)
+    except FileNotFoundError:
+        raise UserError(f"missing result file {path}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"cannot read result file {path}: {type(exc).__name__}") from None
     if not lines:
         raise UserError(f"empty result file {path}")
     result = lines[0].strip()

@@ -344,3 +344,20 @@ def test_an_expired_lease_is_taken_over_and_its_folder_cleaned(tmp_path, monkeyp
     assert lease is not None and lease.generation == 2 and "took over the expired lease" in messages[0]
     assert [x.gen for x in leases(store.staging_dir, CELLS[0])] == [2]
     lease.release()
+
+
+def test_force_refuses_while_a_live_attempt_works_in_the_store(tmp_path, capsys):
+    """`run --force` would delete the staging folder of an attempt still running on a cluster: refused, untouched."""
+    spec_path = tmp_path / "spec.toml"
+    spec_path.write_text(SPEC.replace("seeds = [0, 1, 2, 3]", "seeds = [0]").replace("epochs = 150", "epochs = 1"))
+    store = tmp_path / "store"
+    assert harness_main(["run", str(spec_path), "--out", str(store), "--quiet"]) == 0
+    live = Store(store).staging(CELLS[1], "e" * 16)
+    (live / "run").mkdir()
+    fresh = {**owner_info("e" * 16), "host": "elsewhere", "heartbeat": time.time(), "timeout_s": 60}
+    (store / ".staging" / f"{CELLS[1]}.lease.1").write_text(json.dumps(fresh))
+    capsys.readouterr()
+    assert harness_main(["run", str(spec_path), "--out", str(store), "--force", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "still runs cell" in err[0] and "nothing was deleted" in err[0]
+    assert (live / "run").is_dir() and (store / "cells" / CELLS[0] / "result.json").is_file()

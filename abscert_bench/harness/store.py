@@ -75,6 +75,14 @@ class Store:
         if meta is not None:
             self._check_compatible(meta, spec)
         if force:  # only the store's own entries go (never .lock, held now); a user's files in it are kept
+            from .lease import leases
+
+            running = [lease for lease in leases(self.staging_dir) if lease.expired() is None]
+            if running:  # an attempt of an earlier run (e.g. on a cluster whose client was killed) still works here
+                self.unlock()
+                raise UserError(f"{running[0].describe()} still runs cell {running[0].cell} in {self.root} "
+                                f"({len(running)} live lease(s)); --force would delete its work: let it finish or "
+                                f"stop it, then rerun (nothing was deleted)")
             owned, kept = split_entries(self.root, STORE_KIND)
             for child in owned:
                 if child.name != ".lock":

@@ -11,7 +11,7 @@ from ..abstraction import check_eps
 from ..data import load_dataset
 from ..errors import UserError
 from ..owned import check_writable
-from ..rundir import read_json, write_csv, write_json
+from ..rundir import write_csv, write_json
 from ..sound.recheck import save_counterexamples
 from ..trained import TrainedModel, check_input_shape, load_checkpoint
 from ..validate import read_run_config

@@ -33,7 +33,7 @@ import torch
 from ..abstraction import Abstraction, cell_index, cell_lower, region_phi
 from ..errors import UserError
 from ..owned import RESULTS, check_writable, prepare_folder, report_kept, write_marker
-from ..rundir import read_json, write_csv
+from ..rundir import write_csv
 from ..trained import TrainedModel
 from ..validate import check_inside, read_json_file
 from .benchmark import FORMAT, IMAGES, METADATA, check_timeout

@@ -333,6 +333,9 @@ def _single_node_model(op: str) -> tuple[onnx.ModelProto, tuple[int, ...]]:
     elif op == "Reshape":
         inits.append(init("s", np.array([0, 2, 3], dtype=np.int64)))
         nodes.append(helper.make_node(op, ["x", "s"], ["y"]))
+    elif op == "Unsqueeze":
+        inits.append(init("axes", np.array([-1, 1], dtype=np.int64)))
+        nodes.append(helper.make_node(op, ["x", "axes"], ["y"]))
     elif op == "Concat":
         inits.append(init("c", rng.normal(size=(1, 2)).astype(np.float32)))
         nodes.append(helper.make_node(op, ["x", "c"], ["y"], axis=1))
@@ -356,6 +359,7 @@ def _single_node_model(op: str) -> tuple[onnx.ModelProto, tuple[int, ...]]:
     else:  # pragma: no cover
         raise AssertionError(op)
     out_shape = {"MatMul": (1, 3), "Gemm": (1, 3), "Flatten": (2, 6), "Reshape": (1, 2, 3), "Concat": (1, 8),
+                 "Unsqueeze": (1, 1, 6, 1),
                  "Conv": (1, 3, 3, 3), "AveragePool": (1, 2, 2, 2)}.get(op, shape)
     graph = helper.make_graph(nodes, op, [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape)], inits)
@@ -383,7 +387,7 @@ def test_loader_covers_every_emitted_op(benches):
         for path in (folder / "onnx").iterdir():
             emitted |= {n.op_type for n in onnx.load(str(path)).graph.node}
     assert emitted <= set(SUPPORTED_OPS), emitted - set(SUPPORTED_OPS)
-    assert {"Floor", "Cast", "Gemm", "Concat", "Relu"} <= emitted
+    assert {"Floor", "Gemm", "Concat", "Relu"} <= emitted and "Cast" not in emitted
 
 
 def test_loader_on_lenet_and_dm_small(tmp_path):
@@ -605,3 +609,36 @@ def test_deployed_runback_maps_to_the_sound_verifier(benches, tmp_path, monkeypa
             assert row["result"] == ("unknown" if before["result"] == "unsat" else row["result"])
             assert row["result"] in ("sat", "unknown")
     assert any(r["method"] == "abscert-sound" for r in rows) or answer != "verified"
+
+
+@pytest.mark.parametrize("d", [0.2, 0.25, 0.3, 0.07])
+@pytest.mark.parametrize("model_name", ["fc3", "dm_small"])
+def test_hull_network_is_plain_feed_forward(tmp_path, d, model_name):
+    """The hull ONNX has only Conv / Gemm / Relu / Flatten with float32 constants (no Concat, Sub, Cast), no extra
+    op when d divides 1 and N starts with an affine layer whose constant term is a bias, and computes
+    N([L, min(L + d, 1)]) on L in [0, 1]."""
+    from abscert_bench.models import create_model
+    from abscert_bench.models.hull import PointHullNetwork
+    from abscert_bench.training.lower_form import divides_one
+
+    torch.manual_seed(0)
+    net = create_model(model_name, (2, 8, 8), 10).eval()
+    hull = hull_network(Abstraction("point", d), net, channels=1)
+    path = tmp_path / "hull.onnx"
+    export_onnx(hull, (1, 8, 8), path)
+    model = onnx.load(str(path))
+    ops = [n.op_type for n in model.graph.node]
+    assert set(ops) <= {"Conv", "Gemm", "Relu", "Flatten", "MatMul", "Add", "Reshape", "Constant"}, ops
+    assert {t.data_type for t in model.graph.initializer} <= {TensorProto.FLOAT, TensorProto.INT64}
+    net_path = tmp_path / "net.onnx"
+    export_onnx(net, (2, 8, 8), net_path)
+    net_ops = [n.op_type for n in onnx.load(str(net_path)).graph.node]
+    if divides_one(d) and model_name == "fc3":
+        assert ops == net_ops
+    lower = torch.rand(6, 1, 8, 8) * (1 - d)
+    lower[0] = 1.0 - d  # the last full cell's lower end
+    if not divides_one(d):  # lower ends reach the clipped last cell
+        lower[1] = torch.rand(1, 8, 8)
+    with torch.no_grad():
+        expected = PointHullNetwork(net, d)(lower).numpy()
+    assert np.allclose(onnxruntime_outputs(path, lower.numpy()), expected, atol=1e-5, rtol=1e-5)

@@ -45,16 +45,30 @@ RANDOM_POINTS = 4  # random points per box checked against onnxruntime, besides 
 ENCODING_TEXT = {
     "standard": "the network as trained on raw images; input box = L∞ ball of radius eps around the image, "
                 "clipped to [0,1]",
-    "hull": "AbsCert, sound box encoding without Floor: the network input is the lower-end channels "
-            "(PointHullNetwork, upper = min(lower + d, 1) computed inside) for 'point', or the 2C-channel network "
-            "N over both ends for 'region'; the input box is the hull of the abstract inputs reachable from the "
-            "clipped eps-ball (cells cell_index(lo)..cell_index(hi) → [cell_lower(first), cell_lower(last)] for "
-            "'point'; region_phi at the two ball corners for 'region'). unsat proves the deployed classifier "
-            "robust; a sat witness is only a witness for the hull network (the run-back only reports sat for "
-            "box corners, which are realisable)",
-    "deployed": "AbsCert, exact encoding: the full deployed classifier f(x) = N(phi(x)) with the cell rule "
-                "(Cast double, Div d, Add 2^-16, Floor, Max/Min clamp, Mul d, Cast float) over the clipped "
-                "L∞ ball; unsat ⇔ the deployed classifier is robust on the ball",
+    "hull": "AbsCert, sound box encoding without Floor, a plain feed-forward graph (Conv / Gemm / Relu / Flatten, "
+            "float32 constants; no Concat, Sub, Cast or Floor) that Marabou, onnx2pytorch and other tools read: for "
+            "'point' the network input is the lower-end channels L and computes N([L, min(L + d, 1)]), for L >= 0; "
+            "when d divides 1 the upper ends L + d are folded into N's first affine layer (W_lower + W_upper, bias + "
+            "W_upper·d), otherwise a 1×1 Conv and a Relu give relu(L + d - 1) and the upper end is "
+            "L + d - relu(L + d - 1); for 'region' it is the 2C-channel network N over both ends. The input box is the "
+            "hull of the abstract inputs reachable from the clipped eps-ball (cells cell_index(lo)..cell_index(hi) → "
+            "[cell_lower(first), cell_lower(last)] for 'point'; region_phi at the two ball corners for 'region'). "
+            "Float semantics: a verifier that reasons in exact real arithmetic over the graph (Marabou, a MILP) and "
+            "answers unsat proves, for every real L in the box, that N([L, min(L + d, 1)]) in real arithmetic ranks "
+            "the label first; the deployed classifier evaluates N in float32 at the stored float32 ends "
+            "(cell_upper(k) may differ from cell_lower(k) + d by one float32 ulp, ≤ 6e-8), so unsat proves the "
+            "deployed classifier robust up to that rounding and N's own float32 evaluation error, as for every "
+            "VNN-COMP benchmark. A sat witness is only a witness for the hull network (the run-back only reports sat "
+            "for box corners, which are realisable)",
+    "deployed": "AbsCert, exact encoding: the full deployed classifier f(x) = N(phi(x)) over the clipped L∞ ball, with "
+                "the cell rule in float32 ops only (no Cast, no double constant): Unsqueeze, Sub of the float32 "
+                "thresholds tau_m (the smallest float32 that cell_index puts in cell m), Floor, Add 1, Clip [0, 1] "
+                "(= [x >= tau_m], exact), MatMul with a difference matrix + first-cell vector (one-hot cell), MatMul "
+                "with the cell_lower / cell_upper tables (one nonzero term: exact), Concat; bit for bit "
+                "abstraction.cell_index on every float32 input. unsat ⇔ the deployed classifier (in the verifier's "
+                "arithmetic) is robust on the ball. It has Floor, so only tools that read Floor can use it: "
+                "onnxruntime, onnx2pytorch / onnx2torch-based tools (α,β-CROWN as a forward model, for attacks), and "
+                "our loader; Marabou cannot (Floor is not in its op list)",
 }
 
 
@@ -254,7 +268,7 @@ def _export_into(folder: Path, trained: TrainedModel, config: dict[str, Any], im
     if abstraction is None:
         encodings["standard"] = ("onnx/model.onnx", network, shape, lambda x: (*ball(x, eps), x))
     else:
-        hull = hull_network(abstraction, network)
+        hull = hull_network(abstraction, network, channels=shape[0])
         hull_shape = (shape[0] * (1 if abstraction.variant == "point" else 2), *shape[1:])
 
         def hull_fn(x):

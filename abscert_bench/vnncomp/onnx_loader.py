@@ -19,7 +19,7 @@ from ..errors import UserError
 
 SUPPORTED_OPS = (
     "Add", "AveragePool", "Cast", "Clip", "Concat", "Constant", "Conv", "Div", "Flatten", "Floor", "Gemm",
-    "Identity", "MatMul", "Max", "Min", "Mul", "Neg", "Relu", "Reshape", "Sigmoid", "Sub", "Tanh",
+    "Identity", "MatMul", "Max", "Min", "Mul", "Neg", "Relu", "Reshape", "Sigmoid", "Sub", "Tanh", "Unsqueeze",
 )
 
 # ONNX TensorProto element types → torch dtypes (the ones a Cast may name).
@@ -192,6 +192,16 @@ class OnnxModule(nn.Module):
                 out = torch.flatten(x, axis)
                 return torch.flatten(out, 0, axis - 1) if axis > 1 else out
             return flatten
+        if op == "Unsqueeze":
+            axes_attr = attrs.get("axes")
+
+            def unsqueeze(x, axes=None):
+                chosen = [int(a) for a in (axes.tolist() if axes is not None else axes_attr)]
+                rank = x.dim() + len(chosen)
+                for axis in sorted(a % rank for a in chosen):
+                    x = x.unsqueeze(axis)
+                return x
+            return unsqueeze
         if op == "Reshape":
             if attrs.get("allowzero", 0):
                 raise UserError(f"{path}: Reshape node {node.name!r} with allowzero=1 is not supported")

@@ -336,6 +336,10 @@ def _single_node_model(op: str) -> tuple[onnx.ModelProto, tuple[int, ...]]:
     elif op == "Unsqueeze":
         inits.append(init("axes", np.array([-1, 1], dtype=np.int64)))
         nodes.append(helper.make_node(op, ["x", "axes"], ["y"]))
+    elif op == "Squeeze":
+        shape = (1, 6, 1)
+        inits.append(init("axes", np.array([-1], dtype=np.int64)))
+        nodes.append(helper.make_node(op, ["x", "axes"], ["y"]))
     elif op == "Concat":
         inits.append(init("c", rng.normal(size=(1, 2)).astype(np.float32)))
         nodes.append(helper.make_node(op, ["x", "c"], ["y"], axis=1))
@@ -359,7 +363,7 @@ def _single_node_model(op: str) -> tuple[onnx.ModelProto, tuple[int, ...]]:
     else:  # pragma: no cover
         raise AssertionError(op)
     out_shape = {"MatMul": (1, 3), "Gemm": (1, 3), "Flatten": (2, 6), "Reshape": (1, 2, 3), "Concat": (1, 8),
-                 "Unsqueeze": (1, 1, 6, 1),
+                 "Unsqueeze": (1, 1, 6, 1), "Squeeze": (1, 6),
                  "Conv": (1, 3, 3, 3), "AveragePool": (1, 2, 2, 2)}.get(op, shape)
     graph = helper.make_graph(nodes, op, [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape)], inits)

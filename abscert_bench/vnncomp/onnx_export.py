@@ -66,8 +66,9 @@ class ExportableCellRule(nn.Module):
         self.register_buffer("thresholds", torch.from_numpy(cell_thresholds(d)))
         self.register_buffer("difference", torch.from_numpy(difference))
         self.register_buffer("first", torch.from_numpy(first))
-        self.register_buffer("lower_table", torch.from_numpy(cell_lower(np.arange(cells), d)))
-        self.register_buffer("upper_table", torch.from_numpy(cell_upper(np.arange(cells), d)))
+        # K×1 tables (a 2-D MatMul weight, which onnx2pytorch turns into a Linear), then Squeeze of the last axis
+        self.register_buffer("lower_table", torch.from_numpy(cell_lower(np.arange(cells), d)).reshape(cells, 1))
+        self.register_buffer("upper_table", torch.from_numpy(cell_upper(np.arange(cells), d)).reshape(cells, 1))
 
     def onehot(self, x: torch.Tensor) -> torch.Tensor:
         """x (…) → (…, K): 1 at the cell of each value, 0 elsewhere."""
@@ -78,11 +79,11 @@ class ExportableCellRule(nn.Module):
 
     def lower(self, onehot: torch.Tensor) -> torch.Tensor:
         """cell_lower of the cell (float32)."""
-        return torch.matmul(onehot, self.lower_table)
+        return torch.matmul(onehot, self.lower_table).squeeze(-1)
 
     def upper(self, onehot: torch.Tensor) -> torch.Tensor:
         """cell_upper of the cell (float32)."""
-        return torch.matmul(onehot, self.upper_table)
+        return torch.matmul(onehot, self.upper_table).squeeze(-1)
 
 
 class ExportableDeployed(nn.Module):

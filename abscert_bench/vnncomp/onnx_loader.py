@@ -19,7 +19,8 @@ from ..errors import UserError
 
 SUPPORTED_OPS = (
     "Add", "AveragePool", "Cast", "Clip", "Concat", "Constant", "Conv", "Div", "Flatten", "Floor", "Gemm",
-    "Identity", "MatMul", "Max", "Min", "Mul", "Neg", "Relu", "Reshape", "Sigmoid", "Sub", "Tanh", "Unsqueeze",
+    "Identity", "MatMul", "Max", "Min", "Mul", "Neg", "Relu", "Reshape", "Sigmoid", "Squeeze", "Sub", "Tanh",
+    "Unsqueeze",
 )
 
 # ONNX TensorProto element types → torch dtypes (the ones a Cast may name).
@@ -202,6 +203,17 @@ class OnnxModule(nn.Module):
                     x = x.unsqueeze(axis)
                 return x
             return unsqueeze
+        if op == "Squeeze":
+            squeeze_attr = attrs.get("axes")
+
+            def squeeze(x, axes=None):
+                chosen = axes.tolist() if axes is not None else squeeze_attr
+                if chosen is None:
+                    return x.squeeze()
+                for axis in sorted((int(a) % x.dim() for a in chosen), reverse=True):
+                    x = x.squeeze(axis)
+                return x
+            return squeeze
         if op == "Reshape":
             if attrs.get("allowzero", 0):
                 raise UserError(f"{path}: Reshape node {node.name!r} with allowzero=1 is not supported")

@@ -1,6 +1,7 @@
 """Tests for abscert_bench.vnncomp: export, checks, VNN-LIB round trips, our ONNX loader, run-back, bad input."""
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from torch import nn
 from abscert_bench.abstraction import Abstraction, ball, phi_numpy
 from abscert_bench.data import load_dataset
 from abscert_bench.errors import UserError
+from abscert_bench.rundir import read_json
 from abscert_bench.trained import load_checkpoint
 from abscert_bench.training.loop import TrainConfig, run_training
 from abscert_bench.vnncomp import (
@@ -463,7 +465,7 @@ def test_runback_agrees_with_run_directory_abscert(benches, vnn_runs, digits, na
         verified = bool((bounds > 0).all())
         assert (row["result"] == "unsat") == verified, row
         if row["result"] == "sat":
-            result, cx, _ = read_result(Path(row["result_file"]))
+            result, cx, _ = read_result(folder / row["result_file"])
             lo, hi = ball(x, EPS)
             if row["encoding"] == "hull":  # a corner of the hull box ↔ each pixel at lo or hi
                 at_hi = cx.reshape(-1)[: lo.numel()] != lower.reshape(-1)[: lo.numel()].numpy()
@@ -501,7 +503,7 @@ def test_result_files_are_vnncomp_and_checked(benches, name):
     folder, _, rows = benches[name]
     assert Path(folder / "results.csv").is_file()
     for row in rows:
-        result, x, y = read_result(Path(row["result_file"]))
+        result, x, y = read_result(folder / row["result_file"])
         assert result == row["result"]
         if result != "sat":
             continue
@@ -522,7 +524,12 @@ def test_runback_timeout(benches, tmp_path):
     (copy / "instances.csv").write_text("\n".join(lines) + "\n")
     rows = run_benchmark(copy, tmp_path / "out.csv")
     assert {r["result"] for r in rows} == {"timeout"}
-    assert (tmp_path / "out" / Path(rows[0]["result_file"]).name).read_text() == "timeout\n"
+    assert (copy / rows[0]["result_file"]).read_text() == "timeout\n"
+    assert rows[0]["result_file"].startswith("../out/")  # relative to the folder, wherever `vnncomp run` ran
+    moved = tmp_path / "moved"
+    shutil.copytree(folder, moved)
+    rows = run_benchmark(moved)
+    assert all(not Path(r["result_file"]).is_absolute() and (moved / r["result_file"]).is_file() for r in rows)
 
 
 def test_runback_without_metadata_is_generic(benches, tmp_path):
@@ -646,3 +653,82 @@ def test_hull_network_is_plain_feed_forward(tmp_path, d, model_name):
     with torch.no_grad():
         expected = PointHullNetwork(net, d)(lower).numpy()
     assert np.allclose(onnxruntime_outputs(path, lower.numpy()), expected, atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------ VNN-COMP conventions
+
+
+def _tree(folder, subdirs=("vnnlib",)):
+    files = {"instances.csv": (folder / "instances.csv").read_bytes()}
+    for sub in subdirs:
+        files.update({f"{sub}/{p.name}": p.read_bytes() for p in sorted((folder / sub).iterdir())})
+    return files
+
+
+@pytest.mark.parametrize("name", list(RUNS))
+def test_generate_properties_reproduces_the_export(benches, tmp_path, name):
+    """The folder's standalone generate_properties.py (numpy only, run from elsewhere, no abscert_bench on the path)
+    rewrites vnnlib/ and instances.csv byte for byte, for any seed (the default pool is the exported images)."""
+    import subprocess
+    import sys
+
+    folder, _, _ = benches[name]
+    copy = tmp_path / "b"
+    shutil.copytree(folder, copy)
+    expected = _tree(folder)
+    shutil.rmtree(copy / "vnnlib")
+    (copy / "vnnlib").mkdir()
+    (copy / "instances.csv").unlink()
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    for seed in (SEED, 7):
+        subprocess.run([sys.executable, "-I", str(copy / "generate_properties.py"), str(seed)], check=True,
+                       cwd=tmp_path, env=env, capture_output=True)
+        assert _tree(copy) == expected
+    assert (copy / "benchmark.json").read_bytes() == (folder / "benchmark.json").read_bytes()
+
+
+def test_generate_properties_picks_like_export_from_a_pool(benches, vnn_runs, digits, tmp_path):
+    """With the whole test set as the pool, a seed gives the files `export --seed` writes for that seed."""
+    import subprocess
+    import sys
+
+    folder, _, _ = benches["point"]
+    pool = tmp_path / "pool.npz"
+    np.savez(pool, index=np.arange(len(digits.test_x)), label=digits.test_y.numpy(), x=digits.test_x.numpy())
+    other = export_benchmark(vnn_runs["point"], tmp_path / "seed3", SAMPLES, 3, 30)
+    copy = tmp_path / "b"
+    shutil.copytree(folder, copy)
+    shutil.rmtree(copy / "vnnlib")
+    (copy / "vnnlib").mkdir()
+    subprocess.run([sys.executable, "-I", str(copy / "generate_properties.py"), "3", "--images", str(pool)],
+                   check=True, capture_output=True)
+    assert _tree(copy) == _tree(tmp_path / "seed3")
+    assert [i["index"] for i in read_json(copy / "benchmark.json")["instances"]] == \
+        [i["index"] for i in other["instances"]]
+    rows = run_benchmark(copy, use_sound_verifier=False)
+    assert {int(r["index"]) for r in rows} == {i["index"] for i in other["instances"]}
+
+
+def test_gzip_export_is_vnncomp_2024_and_runs_back(benches, vnn_runs, tmp_path):
+    """--gzip: .onnx.gz / .vnnlib.gz (reproducible bytes), instances.csv naming the uncompressed paths; the
+    run-back reads them and answers as on the plain folder; generate_properties.py writes .gz files too."""
+    import gzip
+    import subprocess
+    import sys
+
+    plain, _, plain_rows = benches["point"]
+    folder = tmp_path / "gz"
+    export_benchmark(vnn_runs["point"], folder, SAMPLES, SEED, 30, vnnlib2=True, gzip=True)
+    assert not list(folder.glob("onnx/*.onnx")) and not list(folder.glob("vnnlib*/*.vnnlib"))
+    for path in folder.glob("*/*.gz"):
+        assert gzip.decompress(path.read_bytes()) == (plain / path.parent.name / path.name[:-3]).read_bytes()
+    assert (folder / "instances.csv").read_bytes() == (plain / "instances.csv").read_bytes()
+    assert "--gzip" in read_json(folder / "benchmark.json")["command"]
+    rows = run_benchmark(folder, use_sound_verifier=False)
+    assert [r["result"] for r in rows] == [r["result"] for r in plain_rows]
+    expected = _tree(folder)
+    shutil.rmtree(folder / "vnnlib")
+    (folder / "vnnlib").mkdir()
+    subprocess.run([sys.executable, "-I", str(folder / "generate_properties.py"), "0"], check=True,
+                   capture_output=True)
+    assert _tree(folder) == expected

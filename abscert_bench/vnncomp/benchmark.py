@@ -9,15 +9,19 @@ Layout of a folder:
     vnnlib2/*.vnnlib     VNN-LIB 2.0 copies (with --vnnlib2)
     benchmark.json       metadata: source run, abstraction, per-instance image index/label, check results
     images.npz           the exported test images (index, label, x), for the run-back's mapping to the run
+    generate_properties.py  regenerates vnnlib/ and instances.csv from a seed (standalone: numpy only)
     .abscert-bench.json  the marker of a folder written by export (owned.py)
 
 The folder is written into a temporary sibling and renamed into place, so a partial folder never looks
 complete; an existing target needs `force` and must be a folder written by export (its `.abscert-bench.json`
 marker, or the `benchmark.json` of an older version); only the tool's entries are replaced, other files are kept
-(see owned.py).
+(see owned.py). With `gzip`, onnx/ and vnnlib/ (vnnlib2/) hold `.onnx.gz` / `.vnnlib.gz` files while instances.csv
+names the uncompressed paths, as the VNN-COMP 2024 benchmark repository does (`gunzip -r FOLDER` restores them;
+`vnncomp run` reads either).
 """
 from __future__ import annotations
 
+import gzip as gzip_module
 import math
 import os
 import shutil
@@ -103,11 +107,25 @@ def check_timeout(timeout: float | str, where: str = "--timeout") -> float:
 
 
 def regeneration_command(run_dir: Path, out: Path, samples: int, seed: int, timeout: float, vnnlib2: bool,
-                         data_root: str | Path | None) -> str:
+                         data_root: str | Path | None, gzip: bool = False) -> str:
     """The CLI line that rebuilds this folder."""
     prefix = f"ABSCERT_DATA={data_root} " if data_root else ""
     return (f"{prefix}abscert-bench export {run_dir} --out {out} --samples {samples} --seed {seed} "
-            f"--timeout {timeout:g}" + (" --vnnlib2" if vnnlib2 else "") + " --force")
+            f"--timeout {timeout:g}" + (" --vnnlib2" if vnnlib2 else "") + (" --gzip" if gzip else "") + " --force")
+
+
+GENERATOR = "generate_properties.py"
+
+
+def _compress(folder: Path) -> None:
+    """Replace every onnx/*.onnx and vnnlib*/*.vnnlib by a reproducible .gz (mtime 0) of it."""
+    for sub in ("onnx", "vnnlib", "vnnlib2"):
+        if not (folder / sub).is_dir():
+            continue
+        for path in sorted((folder / sub).iterdir()):
+            if path.suffix in (".onnx", ".vnnlib"):
+                path.with_name(path.name + ".gz").write_bytes(gzip_module.compress(path.read_bytes(), mtime=0))
+                path.unlink()
 
 
 def _box_points(lower: torch.Tensor, upper: torch.Tensor, center: torch.Tensor, generator: torch.Generator):
@@ -137,6 +155,9 @@ def _write_readme(folder: Path, meta: dict[str, Any]) -> None:
                     if meta['abstraction'] else '')
     level_checks = (", and on images covering all 256 8-bit levels and floats next to every cell edge (deployed)"
                     if meta['abstraction'] else '')
+    gz_note = ("\n- Compressed (`--gzip`): `onnx/*.onnx.gz`, `vnnlib/*.vnnlib.gz`; `instances.csv` names the "
+               "uncompressed paths, as the VNN-COMP 2024 repository does. `gunzip -r .` restores them; "
+               "`abscert-bench vnncomp run` reads either." if meta.get("gzip") else "")
     text = f"""# VNN-COMP benchmark exported by abscert-bench
 
 Source run: `{meta['source_run']}` (dataset `{meta['dataset']}`, model `{meta['model_config']['model']}`,
@@ -164,6 +185,9 @@ robustness of the image; `sat` comes with a counterexample.
 - `vnnlib/`: VNN-LIB 1.0 properties.{' `vnnlib2/`: the same properties in VNN-LIB 2.0.' if meta['vnnlib2'] else ''}
 - `{METADATA}`: metadata (source run, abstraction, image index and label per instance, checks).
 - `{IMAGES}`: the exported images.{network_file}
+- `{GENERATOR}`: `python {GENERATOR} SEED [--images POOL.npz]` regenerates `vnnlib/` and `instances.csv`
+  (VNN-COMP's convention; numpy only). The seed picks {meta['samples']} images from the pool as `export --seed` picks
+  test images; the default pool is `{IMAGES}`, so it reproduces this folder's files exactly.{gz_note}
 
 ## Checks done at export
 
@@ -200,7 +224,7 @@ def _install(tmp: Path, out: Path, kept: list[str]) -> None:
 
 
 def export_benchmark(run_dir: Path, out: Path, samples: int, seed: int, timeout: float, vnnlib2: bool = False,
-                     force: bool = False, data_root: str | Path | None = None) -> dict[str, Any]:
+                     force: bool = False, data_root: str | Path | None = None, gzip: bool = False) -> dict[str, Any]:
     """Export a run directory as a checked VNN-COMP folder at `out`; returns the folder's metadata."""
     run_dir, out = Path(run_dir), Path(out)
     check_timeout(timeout)
@@ -215,12 +239,12 @@ def export_benchmark(run_dir: Path, out: Path, samples: int, seed: int, timeout:
         trained, dataset.test_x[indices], dataset.test_y[indices], indices, out, eps, timeout, vnnlib2, force,
         {"dataset": config["dataset"], "method": config.get("method"), "source_run": str(run_dir), "seed": seed,
          "samples": samples, "command": regeneration_command(run_dir, out, samples, seed, timeout, vnnlib2,
-                                                              data_root)})
+                                                              data_root, gzip)}, gzip)
 
 
 def write_benchmark(trained: TrainedModel, images: torch.Tensor, labels: torch.Tensor, indices: list[int], out: Path,
                     eps: float, timeout: float, vnnlib2: bool = False, force: bool = False,
-                    source: dict[str, Any] | None = None) -> dict[str, Any]:
+                    source: dict[str, Any] | None = None, gzip: bool = False) -> dict[str, Any]:
     """Export a model and images (raw [0,1], N×C×H×W) as a checked VNN-COMP folder at `out`, without a run directory.
 
     `source` describes where it came from for README.md / benchmark.json (keys dataset, method, source_run,
@@ -238,7 +262,11 @@ def write_benchmark(trained: TrainedModel, images: torch.Tensor, labels: torch.T
     tmp.mkdir()  # the normal umask mode (tempfile.mkdtemp would make it 0700)
     try:
         meta = _export_into(tmp, trained, source, images, labels, list(indices), eps, timeout, vnnlib2)
-        meta.update({**{k: source[k] for k in ("source_run", "seed", "samples", "command")}, "folder": str(out)})
+        meta.update({**{k: source[k] for k in ("source_run", "seed", "samples", "command")}, "folder": str(out),
+                     "gzip": bool(gzip)})
+        shutil.copyfile(Path(__file__).with_name(GENERATOR), tmp / GENERATOR)
+        if gzip:
+            _compress(tmp)
         write_json(tmp / METADATA, meta)
         _write_readme(tmp, meta)
         write_marker(tmp, EXPORT, [p.name for p in tmp.iterdir()])
@@ -333,7 +361,7 @@ def _export_into(folder: Path, trained: TrainedModel, config: dict[str, Any], im
     np.savez_compressed(folder / IMAGES, index=np.array(indices), label=labels.numpy(), x=images.numpy())
     return {
         "format": FORMAT, "dataset": config["dataset"], "method": config.get("method"), "eps": eps,
-        "timeout": timeout, "vnnlib2": vnnlib2, "model_config": trained.model_config,
+        "timeout": timeout, "vnnlib2": vnnlib2, "model_config": trained.model_config, "num_outputs": num_outputs,
         "abstraction": abstraction.to_dict() if abstraction else None, "encodings": list(encodings),
         "network_onnx": "onnx/network.onnx" if abstraction else None, "instances": instances, "checks": checks,
     }

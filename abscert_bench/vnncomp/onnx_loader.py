@@ -32,11 +32,13 @@ def read_onnx(path: Path):
     """Load and check an ONNX file; a missing, truncated or invalid file is a UserError naming it."""
     import onnx
 
+    from .vnnlib import read_stored, stored_path
+
     path = Path(path)
-    if not path.is_file():
+    if not stored_path(path).is_file():
         raise UserError(f"missing ONNX file {path}")
     try:
-        model = onnx.load(str(path))
+        model = onnx.load_model_from_string(read_stored(path))
         onnx.checker.check_model(model)
     except Exception as exc:  # DecodeError, ValidationError, ...
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -12,7 +12,7 @@ STAMP := $(VENV)/.abscert-installed
 TORCH_VERSION := 2.13.0
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 
-.PHONY: demo test lint bench data clean-venv
+.PHONY: demo test lint bench data clean-venv crosscheck
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -46,5 +46,27 @@ bench: $(STAMP)
 data: $(STAMP)
 	$(BIN)/abscert-bench data prepare
 
+# External crosscheck (tests/crosscheck, not part of `make test`): Marabou (maraboupy 2.0.0) and onnx2pytorch 0.6.0
+# load a small exported digits folder; verdicts and outputs are compared with ours (table: build/crosscheck.md).
+# They live in their own venv, .venv-crosscheck, made from .venv's interpreter; a .pth file adds .venv's
+# site-packages (torch, onnx, onnxruntime, this package) behind its own, so nothing is installed twice and .venv
+# is untouched. Both are installed with --no-deps: maraboupy has no run-time requirements, onnx2pytorch's would
+# pull torchvision and another torch (tests/crosscheck/stubs has a test-only torchvision stand-in for its imports).
+XVENV ?= .venv-crosscheck
+XBIN := $(XVENV)/bin
+XSTAMP := $(XVENV)/.crosscheck-installed
+
+$(XSTAMP): $(STAMP) Makefile
+	test -x $(XBIN)/python || $(BIN)/python -m venv $(XVENV)
+	$(BIN)/python -c "import site, sysconfig; print('import site; site.addsitedir(%r)' % \
+	sysconfig.get_paths()['purelib'])" > "$$($(XBIN)/python -c "import sysconfig; \
+	print(sysconfig.get_paths()['purelib'])")/abscert-main-venv.pth"
+	$(XBIN)/python -m pip install -q --no-deps maraboupy==2.0.0 onnx2pytorch==0.6.0
+	touch $(XSTAMP)
+
+crosscheck: $(XSTAMP)
+	CROSSCHECK_REPORT=build/crosscheck.md $(XBIN)/python -m pytest -o addopts=-ra tests/crosscheck
+	@cat build/crosscheck.md
+
 clean-venv:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(XVENV)

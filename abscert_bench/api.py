@@ -315,14 +315,14 @@ def results_frame(results: dict[str, list[SampleResult]]):
 def export_vnncomp(trained: TrainedModel | nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, out: str | Path,
                    abstraction: Abstraction | None = None, timeout: float = 60.0, vnnlib2: bool = False,
                    force: bool = False, indices: Sequence[int] | None = None,
-                   dataset: str = "user data") -> dict[str, Any]:
+                   dataset: str = "user data", gzip: bool = False) -> dict[str, Any]:
     """Export the model and images as a checked VNN-COMP benchmark folder at `out` (no run directory needed).
 
     Writes the encodings of `abscert-bench export` (a standard network; or AbsCert hull + deployed + N), one
     VNN-LIB property per (encoding, image), instances.csv, images.npz, benchmark.json and README.md. Every
     ONNX file is checked against torch with onnx.checker, onnxruntime and our loader, every property is read
     back, before the folder is moved into place; `benchmark.json`'s `checks` records the results. An existing
-    non-empty `out` needs `force`. Returns the metadata.
+    non-empty `out` needs `force`. `gzip`: store `.onnx.gz` / `.vnnlib.gz` (VNN-COMP 2024). Returns the metadata.
     """
     from .vnncomp.benchmark import write_benchmark
 
@@ -336,7 +336,7 @@ def export_vnncomp(trained: TrainedModel | nn.Module, x: torch.Tensor, y: torch.
         raise UserError(f"indices must name the {len(x)} images")
     cpu = TrainedModel(copy.deepcopy(trained.network).cpu().eval(), trained.model_config, trained.abstraction)
     return write_benchmark(cpu, x.detach().cpu(), y.detach().cpu(), index_list, Path(out), check_eps(eps), timeout,
-                           vnnlib2, force, {"dataset": dataset, "samples": len(x)})
+                           vnnlib2, force, {"dataset": dataset, "samples": len(x)}, gzip)
 
 
 def registered() -> dict[str, list[str]]:

@@ -300,7 +300,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .vnncomp import export_benchmark
 
     meta = export_benchmark(Path(args.run), Path(args.out), samples=args.samples, seed=args.seed,
-                            timeout=args.timeout, vnnlib2=args.vnnlib2, force=args.force, data_root=args.data_root)
+                            timeout=args.timeout, vnnlib2=args.vnnlib2, force=args.force, data_root=args.data_root,
+                            gzip=args.gzip)
     print(f"exported {len(meta.get('instances', []))} instances to {args.out}")
     return 0
 
@@ -414,6 +415,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=V.nonneg_int, default=0, help="seed that picks the test images")
     p.add_argument("--timeout", type=V.positive_float, default=60.0, help="per-instance timeout (s) in instances.csv")
     p.add_argument("--vnnlib2", action="store_true", help="also write VNN-LIB 2.0 copies")
+    p.add_argument("--gzip", action="store_true",
+                   help="store onnx/*.onnx.gz and vnnlib/*.vnnlib.gz (instances.csv names the uncompressed paths, as "
+                        "the VNN-COMP 2024 repository does; vnncomp run reads them)")
     p.add_argument("--data-root", type=V.directory_arg, default=None,
                    help="data directory (default: $ABSCERT_DATA or ./data)")
     p.add_argument("--force", action="store_true", help="replace an existing folder")

@@ -35,10 +35,11 @@ def test_extraction_reproduces_conv_and_hull_networks(tmp_path):
         expected = net(x).double().numpy()
     for i in range(5):
         assert np.abs(form.evaluate(x[i].double().numpy()) - expected[i]).max() < 1e-5
-    # the hull network's 1 - relu(1 - (lower + d)) feeds N's first layer beside the lower ends (a skip connection)
+    # the hull network: a 1×1 Conv + Relu gives [L, relu(L + d - 1)] (d = 0.3 does not divide 1), then N with its
+    # upper ends L + d - relu(L + d - 1) computed by a second 1×1 Conv (N starts with a padded convolution)
     from abscert_bench.vnncomp.onnx_export import hull_network
 
-    hull = hull_network(ab.Abstraction("point", 0.3), net)
+    hull = hull_network(ab.Abstraction("point", 0.3), net, channels=1)
     hull_loaded = onnx_of(hull, (1, 8, 8), tmp_path / "hull.onnx")
     hull_form = extract(hull_loaded)
     assert hull_form is not None and len(hull_form.layers) == 4

@@ -26,6 +26,7 @@ def test_quick_tour_runs(tmp_path, monkeypatch, capsys):
 
 
 def test_ci_runs_the_readme_test_command():
-    ci = (ROOT / ".ci" / "run").read_text().strip().splitlines()[-1]
-    assert ci == "make test"
-    assert "make test" in README.split("## Two commands", 1)[1].split("\n## ", 1)[0]
+    ci = (ROOT / ".ci" / "run").read_text().strip().splitlines()[-2:]
+    assert ci == ["make test", "make crosscheck"]  # the README's test command, then the external crosscheck
+    section = README.split("## Two commands", 1)[1].split("\n## ", 1)[0]
+    assert "make test" in section and "make crosscheck" in section

@@ -1,6 +1,7 @@
 """Tests for abscert_bench.vnncomp: export, checks, VNN-LIB round trips, our ONNX loader, run-back, bad input."""
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from torch import nn
 from abscert_bench.abstraction import Abstraction, ball, phi_numpy
 from abscert_bench.data import load_dataset
 from abscert_bench.errors import UserError
+from abscert_bench.rundir import read_json
 from abscert_bench.trained import load_checkpoint
 from abscert_bench.training.loop import TrainConfig, run_training
 from abscert_bench.vnncomp import (
@@ -333,6 +335,13 @@ def _single_node_model(op: str) -> tuple[onnx.ModelProto, tuple[int, ...]]:
     elif op == "Reshape":
         inits.append(init("s", np.array([0, 2, 3], dtype=np.int64)))
         nodes.append(helper.make_node(op, ["x", "s"], ["y"]))
+    elif op == "Unsqueeze":
+        inits.append(init("axes", np.array([-1, 1], dtype=np.int64)))
+        nodes.append(helper.make_node(op, ["x", "axes"], ["y"]))
+    elif op == "Squeeze":
+        shape = (1, 6, 1)
+        inits.append(init("axes", np.array([-1], dtype=np.int64)))
+        nodes.append(helper.make_node(op, ["x", "axes"], ["y"]))
     elif op == "Concat":
         inits.append(init("c", rng.normal(size=(1, 2)).astype(np.float32)))
         nodes.append(helper.make_node(op, ["x", "c"], ["y"], axis=1))
@@ -356,6 +365,7 @@ def _single_node_model(op: str) -> tuple[onnx.ModelProto, tuple[int, ...]]:
     else:  # pragma: no cover
         raise AssertionError(op)
     out_shape = {"MatMul": (1, 3), "Gemm": (1, 3), "Flatten": (2, 6), "Reshape": (1, 2, 3), "Concat": (1, 8),
+                 "Unsqueeze": (1, 1, 6, 1), "Squeeze": (1, 6),
                  "Conv": (1, 3, 3, 3), "AveragePool": (1, 2, 2, 2)}.get(op, shape)
     graph = helper.make_graph(nodes, op, [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape)], inits)
@@ -383,7 +393,7 @@ def test_loader_covers_every_emitted_op(benches):
         for path in (folder / "onnx").iterdir():
             emitted |= {n.op_type for n in onnx.load(str(path)).graph.node}
     assert emitted <= set(SUPPORTED_OPS), emitted - set(SUPPORTED_OPS)
-    assert {"Floor", "Cast", "Gemm", "Concat", "Relu"} <= emitted
+    assert {"Floor", "Gemm", "Concat", "Relu"} <= emitted and "Cast" not in emitted
 
 
 def test_loader_on_lenet_and_dm_small(tmp_path):
@@ -455,7 +465,7 @@ def test_runback_agrees_with_run_directory_abscert(benches, vnn_runs, digits, na
         verified = bool((bounds > 0).all())
         assert (row["result"] == "unsat") == verified, row
         if row["result"] == "sat":
-            result, cx, _ = read_result(Path(row["result_file"]))
+            result, cx, _ = read_result(folder / row["result_file"])
             lo, hi = ball(x, EPS)
             if row["encoding"] == "hull":  # a corner of the hull box ↔ each pixel at lo or hi
                 at_hi = cx.reshape(-1)[: lo.numel()] != lower.reshape(-1)[: lo.numel()].numpy()
@@ -493,7 +503,7 @@ def test_result_files_are_vnncomp_and_checked(benches, name):
     folder, _, rows = benches[name]
     assert Path(folder / "results.csv").is_file()
     for row in rows:
-        result, x, y = read_result(Path(row["result_file"]))
+        result, x, y = read_result(folder / row["result_file"])
         assert result == row["result"]
         if result != "sat":
             continue
@@ -514,7 +524,12 @@ def test_runback_timeout(benches, tmp_path):
     (copy / "instances.csv").write_text("\n".join(lines) + "\n")
     rows = run_benchmark(copy, tmp_path / "out.csv")
     assert {r["result"] for r in rows} == {"timeout"}
-    assert (tmp_path / "out" / Path(rows[0]["result_file"]).name).read_text() == "timeout\n"
+    assert (copy / rows[0]["result_file"]).read_text() == "timeout\n"
+    assert rows[0]["result_file"].startswith("../out/")  # relative to the folder, wherever `vnncomp run` ran
+    moved = tmp_path / "moved"
+    shutil.copytree(folder, moved)
+    rows = run_benchmark(moved)
+    assert all(not Path(r["result_file"]).is_absolute() and (moved / r["result_file"]).is_file() for r in rows)
 
 
 def test_runback_without_metadata_is_generic(benches, tmp_path):
@@ -605,3 +620,115 @@ def test_deployed_runback_maps_to_the_sound_verifier(benches, tmp_path, monkeypa
             assert row["result"] == ("unknown" if before["result"] == "unsat" else row["result"])
             assert row["result"] in ("sat", "unknown")
     assert any(r["method"] == "abscert-sound" for r in rows) or answer != "verified"
+
+
+@pytest.mark.parametrize("d", [0.2, 0.25, 0.3, 0.07])
+@pytest.mark.parametrize("model_name", ["fc3", "dm_small"])
+def test_hull_network_is_plain_feed_forward(tmp_path, d, model_name):
+    """The hull ONNX has only Conv / Gemm / Relu / Flatten with float32 constants (no Concat, Sub, Cast), no extra
+    op when d divides 1 and N starts with an affine layer whose constant term is a bias, and computes
+    N([L, min(L + d, 1)]) on L in [0, 1]."""
+    from abscert_bench.models import create_model
+    from abscert_bench.models.hull import PointHullNetwork
+    from abscert_bench.training.lower_form import divides_one
+
+    torch.manual_seed(0)
+    net = create_model(model_name, (2, 8, 8), 10).eval()
+    hull = hull_network(Abstraction("point", d), net, channels=1)
+    path = tmp_path / "hull.onnx"
+    export_onnx(hull, (1, 8, 8), path)
+    model = onnx.load(str(path))
+    ops = [n.op_type for n in model.graph.node]
+    assert set(ops) <= {"Conv", "Gemm", "Relu", "Flatten", "MatMul", "Add", "Reshape", "Constant"}, ops
+    assert {t.data_type for t in model.graph.initializer} <= {TensorProto.FLOAT, TensorProto.INT64}
+    net_path = tmp_path / "net.onnx"
+    export_onnx(net, (2, 8, 8), net_path)
+    net_ops = [n.op_type for n in onnx.load(str(net_path)).graph.node]
+    if divides_one(d) and model_name == "fc3":
+        assert ops == net_ops
+    lower = torch.rand(6, 1, 8, 8) * (1 - d)
+    lower[0] = 1.0 - d  # the last full cell's lower end
+    if not divides_one(d):  # lower ends reach the clipped last cell
+        lower[1] = torch.rand(1, 8, 8)
+    with torch.no_grad():
+        expected = PointHullNetwork(net, d)(lower).numpy()
+    assert np.allclose(onnxruntime_outputs(path, lower.numpy()), expected, atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------ VNN-COMP conventions
+
+
+def _tree(folder, subdirs=("vnnlib",)):
+    files = {"instances.csv": (folder / "instances.csv").read_bytes()}
+    for sub in subdirs:
+        files.update({f"{sub}/{p.name}": p.read_bytes() for p in sorted((folder / sub).iterdir())})
+    return files
+
+
+@pytest.mark.parametrize("name", list(RUNS))
+def test_generate_properties_reproduces_the_export(benches, tmp_path, name):
+    """The folder's standalone generate_properties.py (numpy only, run from elsewhere, no abscert_bench on the path)
+    rewrites vnnlib/ and instances.csv byte for byte, for any seed (the default pool is the exported images)."""
+    import subprocess
+    import sys
+
+    folder, _, _ = benches[name]
+    copy = tmp_path / "b"
+    shutil.copytree(folder, copy)
+    expected = _tree(folder)
+    shutil.rmtree(copy / "vnnlib")
+    (copy / "vnnlib").mkdir()
+    (copy / "instances.csv").unlink()
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    for seed in (SEED, 7):
+        subprocess.run([sys.executable, "-I", str(copy / "generate_properties.py"), str(seed)], check=True,
+                       cwd=tmp_path, env=env, capture_output=True)
+        assert _tree(copy) == expected
+    assert (copy / "benchmark.json").read_bytes() == (folder / "benchmark.json").read_bytes()
+
+
+def test_generate_properties_picks_like_export_from_a_pool(benches, vnn_runs, digits, tmp_path):
+    """With the whole test set as the pool, a seed gives the files `export --seed` writes for that seed."""
+    import subprocess
+    import sys
+
+    folder, _, _ = benches["point"]
+    pool = tmp_path / "pool.npz"
+    np.savez(pool, index=np.arange(len(digits.test_x)), label=digits.test_y.numpy(), x=digits.test_x.numpy())
+    other = export_benchmark(vnn_runs["point"], tmp_path / "seed3", SAMPLES, 3, 30)
+    copy = tmp_path / "b"
+    shutil.copytree(folder, copy)
+    shutil.rmtree(copy / "vnnlib")
+    (copy / "vnnlib").mkdir()
+    subprocess.run([sys.executable, "-I", str(copy / "generate_properties.py"), "3", "--images", str(pool)],
+                   check=True, capture_output=True)
+    assert _tree(copy) == _tree(tmp_path / "seed3")
+    assert [i["index"] for i in read_json(copy / "benchmark.json")["instances"]] == \
+        [i["index"] for i in other["instances"]]
+    rows = run_benchmark(copy, use_sound_verifier=False)
+    assert {int(r["index"]) for r in rows} == {i["index"] for i in other["instances"]}
+
+
+def test_gzip_export_is_vnncomp_2024_and_runs_back(benches, vnn_runs, tmp_path):
+    """--gzip: .onnx.gz / .vnnlib.gz (reproducible bytes), instances.csv naming the uncompressed paths; the
+    run-back reads them and answers as on the plain folder; generate_properties.py writes .gz files too."""
+    import gzip
+    import subprocess
+    import sys
+
+    plain, _, plain_rows = benches["point"]
+    folder = tmp_path / "gz"
+    export_benchmark(vnn_runs["point"], folder, SAMPLES, SEED, 30, vnnlib2=True, gzip=True)
+    assert not list(folder.glob("onnx/*.onnx")) and not list(folder.glob("vnnlib*/*.vnnlib"))
+    for path in folder.glob("*/*.gz"):
+        assert gzip.decompress(path.read_bytes()) == (plain / path.parent.name / path.name[:-3]).read_bytes()
+    assert (folder / "instances.csv").read_bytes() == (plain / "instances.csv").read_bytes()
+    assert "--gzip" in read_json(folder / "benchmark.json")["command"]
+    rows = run_benchmark(folder, use_sound_verifier=False)
+    assert [r["result"] for r in rows] == [r["result"] for r in plain_rows]
+    expected = _tree(folder)
+    shutil.rmtree(folder / "vnnlib")
+    (folder / "vnnlib").mkdir()
+    subprocess.run([sys.executable, "-I", str(folder / "generate_properties.py"), "0"], check=True,
+                   capture_output=True)
+    assert _tree(folder) == expected

@@ -9,15 +9,19 @@ Layout of a folder:
     vnnlib2/*.vnnlib     VNN-LIB 2.0 copies (with --vnnlib2)
     benchmark.json       metadata: source run, abstraction, per-instance image index/label, check results
     images.npz           the exported test images (index, label, x), for the run-back's mapping to the run
+    generate_properties.py  regenerates vnnlib/ and instances.csv from a seed (standalone: numpy only)
     .abscert-bench.json  the marker of a folder written by export (owned.py)
 
 The folder is written into a temporary sibling and renamed into place, so a partial folder never looks
 complete; an existing target needs `force` and must be a folder written by export (its `.abscert-bench.json`
 marker, or the `benchmark.json` of an older version); only the tool's entries are replaced, other files are kept
-(see owned.py).
+(see owned.py). With `gzip`, onnx/ and vnnlib/ (vnnlib2/) hold `.onnx.gz` / `.vnnlib.gz` files while instances.csv
+names the uncompressed paths, as the VNN-COMP 2024 benchmark repository does (`gunzip -r FOLDER` restores them;
+`vnncomp run` reads either).
 """
 from __future__ import annotations
 
+import gzip as gzip_module
 import math
 import os
 import shutil
@@ -45,16 +49,30 @@ RANDOM_POINTS = 4  # random points per box checked against onnxruntime, besides 
 ENCODING_TEXT = {
     "standard": "the network as trained on raw images; input box = L∞ ball of radius eps around the image, "
                 "clipped to [0,1]",
-    "hull": "AbsCert, sound box encoding without Floor: the network input is the lower-end channels "
-            "(PointHullNetwork, upper = min(lower + d, 1) computed inside) for 'point', or the 2C-channel network "
-            "N over both ends for 'region'; the input box is the hull of the abstract inputs reachable from the "
-            "clipped eps-ball (cells cell_index(lo)..cell_index(hi) → [cell_lower(first), cell_lower(last)] for "
-            "'point'; region_phi at the two ball corners for 'region'). unsat proves the deployed classifier "
-            "robust; a sat witness is only a witness for the hull network (the run-back only reports sat for "
-            "box corners, which are realisable)",
-    "deployed": "AbsCert, exact encoding: the full deployed classifier f(x) = N(phi(x)) with the cell rule "
-                "(Cast double, Div d, Add 2^-16, Floor, Max/Min clamp, Mul d, Cast float) over the clipped "
-                "L∞ ball; unsat ⇔ the deployed classifier is robust on the ball",
+    "hull": "AbsCert, sound box encoding without Floor, a plain feed-forward graph (Conv / Gemm / Relu / Flatten, "
+            "float32 constants; no Concat, Sub, Cast or Floor) that Marabou, onnx2pytorch and other tools read: for "
+            "'point' the network input is the lower-end channels L and computes N([L, min(L + d, 1)]), for L >= 0; "
+            "when d divides 1 the upper ends L + d are folded into N's first affine layer (W_lower + W_upper, bias + "
+            "W_upper·d), otherwise a 1×1 Conv and a Relu give relu(L + d - 1) and the upper end is "
+            "L + d - relu(L + d - 1); for 'region' it is the 2C-channel network N over both ends. The input box is the "
+            "hull of the abstract inputs reachable from the clipped eps-ball (cells cell_index(lo)..cell_index(hi) → "
+            "[cell_lower(first), cell_lower(last)] for 'point'; region_phi at the two ball corners for 'region'). "
+            "Float semantics: a verifier that reasons in exact real arithmetic over the graph (Marabou, a MILP) and "
+            "answers unsat proves, for every real L in the box, that N([L, min(L + d, 1)]) in real arithmetic ranks "
+            "the label first; the deployed classifier evaluates N in float32 at the stored float32 ends "
+            "(cell_upper(k) may differ from cell_lower(k) + d by one float32 ulp, ≤ 6e-8), so unsat proves the "
+            "deployed classifier robust up to that rounding and N's own float32 evaluation error, as for every "
+            "VNN-COMP benchmark. A sat witness is only a witness for the hull network (the run-back only reports sat "
+            "for box corners, which are realisable)",
+    "deployed": "AbsCert, exact encoding: the full deployed classifier f(x) = N(phi(x)) over the clipped L∞ ball, with "
+                "the cell rule in float32 ops only (no Cast, no double constant): Unsqueeze, Sub of the float32 "
+                "thresholds tau_m (the smallest float32 that cell_index puts in cell m), Floor, Add 1, Clip [0, 1] "
+                "(= [x >= tau_m], exact), MatMul with a difference matrix + first-cell vector (one-hot cell), MatMul "
+                "with the cell_lower / cell_upper tables (one nonzero term: exact), Concat; bit for bit "
+                "abstraction.cell_index on every float32 input. unsat ⇔ the deployed classifier (in the verifier's "
+                "arithmetic) is robust on the ball. It has Floor, so only tools that read Floor can use it: "
+                "onnxruntime, onnx2pytorch / onnx2torch-based tools (α,β-CROWN as a forward model, for attacks), and "
+                "our loader; Marabou cannot (Floor is not in its op list)",
 }
 
 
@@ -89,11 +107,25 @@ def check_timeout(timeout: float | str, where: str = "--timeout") -> float:
 
 
 def regeneration_command(run_dir: Path, out: Path, samples: int, seed: int, timeout: float, vnnlib2: bool,
-                         data_root: str | Path | None) -> str:
+                         data_root: str | Path | None, gzip: bool = False) -> str:
     """The CLI line that rebuilds this folder."""
     prefix = f"ABSCERT_DATA={data_root} " if data_root else ""
     return (f"{prefix}abscert-bench export {run_dir} --out {out} --samples {samples} --seed {seed} "
-            f"--timeout {timeout:g}" + (" --vnnlib2" if vnnlib2 else "") + " --force")
+            f"--timeout {timeout:g}" + (" --vnnlib2" if vnnlib2 else "") + (" --gzip" if gzip else "") + " --force")
+
+
+GENERATOR = "generate_properties.py"
+
+
+def _compress(folder: Path) -> None:
+    """Replace every onnx/*.onnx and vnnlib*/*.vnnlib by a reproducible .gz (mtime 0) of it."""
+    for sub in ("onnx", "vnnlib", "vnnlib2"):
+        if not (folder / sub).is_dir():
+            continue
+        for path in sorted((folder / sub).iterdir()):
+            if path.suffix in (".onnx", ".vnnlib"):
+                path.with_name(path.name + ".gz").write_bytes(gzip_module.compress(path.read_bytes(), mtime=0))
+                path.unlink()
 
 
 def _box_points(lower: torch.Tensor, upper: torch.Tensor, center: torch.Tensor, generator: torch.Generator):
@@ -123,6 +155,9 @@ def _write_readme(folder: Path, meta: dict[str, Any]) -> None:
                     if meta['abstraction'] else '')
     level_checks = (", and on images covering all 256 8-bit levels and floats next to every cell edge (deployed)"
                     if meta['abstraction'] else '')
+    gz_note = ("\n- Compressed (`--gzip`): `onnx/*.onnx.gz`, `vnnlib/*.vnnlib.gz`; `instances.csv` names the "
+               "uncompressed paths, as the VNN-COMP 2024 repository does. `gunzip -r .` restores them; "
+               "`abscert-bench vnncomp run` reads either." if meta.get("gzip") else "")
     text = f"""# VNN-COMP benchmark exported by abscert-bench
 
 Source run: `{meta['source_run']}` (dataset `{meta['dataset']}`, model `{meta['model_config']['model']}`,
@@ -150,6 +185,9 @@ robustness of the image; `sat` comes with a counterexample.
 - `vnnlib/`: VNN-LIB 1.0 properties.{' `vnnlib2/`: the same properties in VNN-LIB 2.0.' if meta['vnnlib2'] else ''}
 - `{METADATA}`: metadata (source run, abstraction, image index and label per instance, checks).
 - `{IMAGES}`: the exported images.{network_file}
+- `{GENERATOR}`: `python {GENERATOR} SEED [--images POOL.npz]` regenerates `vnnlib/` and `instances.csv`
+  (VNN-COMP's convention; numpy only). The seed picks {meta['samples']} images from the pool as `export --seed` picks
+  test images; the default pool is `{IMAGES}`, so it reproduces this folder's files exactly.{gz_note}
 
 ## Checks done at export
 
@@ -186,7 +224,7 @@ def _install(tmp: Path, out: Path, kept: list[str]) -> None:
 
 
 def export_benchmark(run_dir: Path, out: Path, samples: int, seed: int, timeout: float, vnnlib2: bool = False,
-                     force: bool = False, data_root: str | Path | None = None) -> dict[str, Any]:
+                     force: bool = False, data_root: str | Path | None = None, gzip: bool = False) -> dict[str, Any]:
     """Export a run directory as a checked VNN-COMP folder at `out`; returns the folder's metadata."""
     run_dir, out = Path(run_dir), Path(out)
     check_timeout(timeout)
@@ -201,12 +239,12 @@ def export_benchmark(run_dir: Path, out: Path, samples: int, seed: int, timeout:
         trained, dataset.test_x[indices], dataset.test_y[indices], indices, out, eps, timeout, vnnlib2, force,
         {"dataset": config["dataset"], "method": config.get("method"), "source_run": str(run_dir), "seed": seed,
          "samples": samples, "command": regeneration_command(run_dir, out, samples, seed, timeout, vnnlib2,
-                                                              data_root)})
+                                                              data_root, gzip)}, gzip)
 
 
 def write_benchmark(trained: TrainedModel, images: torch.Tensor, labels: torch.Tensor, indices: list[int], out: Path,
                     eps: float, timeout: float, vnnlib2: bool = False, force: bool = False,
-                    source: dict[str, Any] | None = None) -> dict[str, Any]:
+                    source: dict[str, Any] | None = None, gzip: bool = False) -> dict[str, Any]:
     """Export a model and images (raw [0,1], N×C×H×W) as a checked VNN-COMP folder at `out`, without a run directory.
 
     `source` describes where it came from for README.md / benchmark.json (keys dataset, method, source_run,
@@ -224,7 +262,11 @@ def write_benchmark(trained: TrainedModel, images: torch.Tensor, labels: torch.T
     tmp.mkdir()  # the normal umask mode (tempfile.mkdtemp would make it 0700)
     try:
         meta = _export_into(tmp, trained, source, images, labels, list(indices), eps, timeout, vnnlib2)
-        meta.update({**{k: source[k] for k in ("source_run", "seed", "samples", "command")}, "folder": str(out)})
+        meta.update({**{k: source[k] for k in ("source_run", "seed", "samples", "command")}, "folder": str(out),
+                     "gzip": bool(gzip)})
+        shutil.copyfile(Path(__file__).with_name(GENERATOR), tmp / GENERATOR)
+        if gzip:
+            _compress(tmp)
         write_json(tmp / METADATA, meta)
         _write_readme(tmp, meta)
         write_marker(tmp, EXPORT, [p.name for p in tmp.iterdir()])
@@ -254,7 +296,7 @@ def _export_into(folder: Path, trained: TrainedModel, config: dict[str, Any], im
     if abstraction is None:
         encodings["standard"] = ("onnx/model.onnx", network, shape, lambda x: (*ball(x, eps), x))
     else:
-        hull = hull_network(abstraction, network)
+        hull = hull_network(abstraction, network, channels=shape[0])
         hull_shape = (shape[0] * (1 if abstraction.variant == "point" else 2), *shape[1:])
 
         def hull_fn(x):
@@ -319,7 +361,7 @@ def _export_into(folder: Path, trained: TrainedModel, config: dict[str, Any], im
     np.savez_compressed(folder / IMAGES, index=np.array(indices), label=labels.numpy(), x=images.numpy())
     return {
         "format": FORMAT, "dataset": config["dataset"], "method": config.get("method"), "eps": eps,
-        "timeout": timeout, "vnnlib2": vnnlib2, "model_config": trained.model_config,
+        "timeout": timeout, "vnnlib2": vnnlib2, "model_config": trained.model_config, "num_outputs": num_outputs,
         "abstraction": abstraction.to_dict() if abstraction else None, "encodings": list(encodings),
         "network_onnx": "onnx/network.onnx" if abstraction else None, "instances": instances, "checks": checks,
     }

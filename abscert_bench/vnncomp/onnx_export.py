@@ -2,14 +2,15 @@
 
 Three networks can be exported for one run:
 - the standard network as trained (raw images in);
-- the *hull* network for AbsCert models: lower-end channels in (`PointHullNetwork`) for 'point', the
-  2C-channel network N itself for 'region';
-- the *deployed* AbsCert classifier f = N(phi(x)), with the cell rule written out op by op exactly as
-  `abstraction.cell_index` computes it: Cast to double, Div by d, Add 2^-16, Floor, Max 0 / Min K-1, Mul d,
-  Min 1 (upper ends), Cast back to float.
+- the *hull* network for AbsCert models (`hull_network`): a plain feed-forward graph (Conv, Gemm, Relu, Flatten;
+  float32 constants) over the lower-end channels for 'point' — the upper ends folded into N's first layer when d
+  divides 1, a 1×1 Conv + Relu form otherwise — and the 2C-channel network N itself for 'region';
+- the *deployed* AbsCert classifier f = N(phi(x)), with the cell rule `abstraction.cell_index` written in float32
+  ops (`ExportableCellRule`: thresholds, Floor, Clip, MatMul with tables; no Cast, no double constant), bit for bit.
 """
 from __future__ import annotations
 
+import copy
 import warnings
 from pathlib import Path
 
@@ -17,9 +18,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..abstraction import EDGE_TOLERANCE, Abstraction, num_cells
+from ..abstraction import EDGE_TOLERANCE, Abstraction, cell_index, cell_lower, cell_upper, num_cells
 from ..errors import UserError
-from ..models.hull import PointHullNetwork
 
 OPSET = 13
 INPUT_NAME = "input"
@@ -29,62 +29,81 @@ ATOL = 1e-5
 RTOL = 1e-5
 
 
-class ExportableCellRule(nn.Module):
-    """`abstraction.cell_index` / `cell_lower` / `cell_upper` in ops that export one-to-one to ONNX."""
+def cell_thresholds(d: float) -> np.ndarray:
+    """tau_m (m = 1 … K-1): the smallest float32 that `abstraction.cell_index` puts in cell m or above. The rule
+    is monotone, so for every float32 x: cell_index(x) = #{m : x >= tau_m}, exactly."""
+    out = []
+    for m in range(1, num_cells(d)):
+        t = np.float32((m - EDGE_TOLERANCE) * d)
+        while cell_index(np.asarray(t), d) >= m:
+            t = np.nextafter(t, np.float32(-np.inf))
+        while cell_index(np.asarray(t), d) < m:
+            t = np.nextafter(t, np.float32(np.inf))
+        out.append(t)
+    return np.asarray(out, dtype=np.float32)
 
-    d: torch.Tensor  # buffers (register_buffer), declared for the type checker
-    tolerance: torch.Tensor
+
+class ExportableCellRule(nn.Module):
+    """`abstraction.cell_index` / `cell_lower` / `cell_upper` in float32 ops only (no Cast, no double constant),
+    bit for bit: step_m = clip(floor(x - tau_m) + 1, 0, 1) is [x >= tau_m] (x - tau_m rounds to a float of the
+    same sign, zero only when equal; Floor is exact), the one-hot cell vector is steps·D + e (integers), and the
+    ends are one-hot · table (one nonzero term: exact) with the tables cell_lower(k), cell_upper(k)."""
+
+    thresholds: torch.Tensor  # buffers (register_buffer), declared for the type checker
+    difference: torch.Tensor
     first: torch.Tensor
-    last: torch.Tensor
-    one: torch.Tensor
+    lower_table: torch.Tensor
+    upper_table: torch.Tensor
 
     def __init__(self, d: float) -> None:
         super().__init__()
-        f64 = torch.float64
-        self.register_buffer("d", torch.tensor(float(d), dtype=f64))
-        self.register_buffer("tolerance", torch.tensor(EDGE_TOLERANCE, dtype=f64))
-        self.register_buffer("first", torch.tensor(0.0, dtype=f64))
-        self.register_buffer("last", torch.tensor(float(num_cells(d) - 1), dtype=f64))
-        self.register_buffer("one", torch.tensor(1.0, dtype=f64))
+        cells = num_cells(d)
+        difference = np.zeros((max(cells - 1, 1), cells), dtype=np.float32)
+        for m in range(1, cells):
+            difference[m - 1, m - 1], difference[m - 1, m] = -1.0, 1.0
+        first = np.zeros(cells, dtype=np.float32)
+        first[0] = 1.0
+        self.register_buffer("thresholds", torch.from_numpy(cell_thresholds(d)))
+        self.register_buffer("difference", torch.from_numpy(difference))
+        self.register_buffer("first", torch.from_numpy(first))
+        # K×1 tables (a 2-D MatMul weight, which onnx2pytorch turns into a Linear), then Squeeze of the last axis
+        self.register_buffer("lower_table", torch.from_numpy(cell_lower(np.arange(cells), d)).reshape(cells, 1))
+        self.register_buffer("upper_table", torch.from_numpy(cell_upper(np.arange(cells), d)).reshape(cells, 1))
 
-    def index(self, x: torch.Tensor) -> torch.Tensor:
-        """Cell index as an integral float64 tensor: min(max(floor(x/d + 2^-16), 0), K-1)."""
-        scaled = x.to(torch.float64) / self.d + self.tolerance
-        return torch.minimum(torch.maximum(torch.floor(scaled), self.first), self.last)
+    def onehot(self, x: torch.Tensor) -> torch.Tensor:
+        """x (…) → (…, K): 1 at the cell of each value, 0 elsewhere."""
+        if len(self.thresholds) == 0:  # d = 1: a single cell
+            return x.unsqueeze(-1) * 0.0 + self.first
+        steps = torch.clamp(torch.floor(x.unsqueeze(-1) - self.thresholds) + 1.0, 0.0, 1.0)
+        return torch.matmul(steps, self.difference) + self.first
 
-    def lower(self, index: torch.Tensor) -> torch.Tensor:
-        """k·d as float32."""
-        return (index * self.d).to(torch.float32)
+    def lower(self, onehot: torch.Tensor) -> torch.Tensor:
+        """cell_lower of the cell (float32)."""
+        return torch.matmul(onehot, self.lower_table).squeeze(-1)
 
-    def upper(self, index: torch.Tensor) -> torch.Tensor:
-        """min((k+1)·d, 1) as float32."""
-        return torch.minimum((index + self.one) * self.d, self.one).to(torch.float32)
+    def upper(self, onehot: torch.Tensor) -> torch.Tensor:
+        """cell_upper of the cell (float32)."""
+        return torch.matmul(onehot, self.upper_table).squeeze(-1)
 
 
 class ExportableDeployed(nn.Module):
     """The deployed classifier f(x) = N(abstraction(x)) for raw images, written for ONNX export."""
-
-    eps: torch.Tensor  # buffers (register_buffer), declared for the type checker
-    zero32: torch.Tensor
-    one32: torch.Tensor
 
     def __init__(self, abstraction: Abstraction, network: nn.Module) -> None:
         super().__init__()
         self.variant = abstraction.variant
         self.cells = ExportableCellRule(abstraction.d)
         self.network = network
-        self.register_buffer("eps", torch.tensor(float(abstraction.eps), dtype=torch.float32))
-        self.register_buffer("zero32", torch.tensor(0.0, dtype=torch.float32))
-        self.register_buffer("one32", torch.tensor(1.0, dtype=torch.float32))
+        self.eps = float(np.float32(abstraction.eps))
 
     def abstract(self, x: torch.Tensor) -> torch.Tensor:
         """2C-channel abstract input (same values as `Abstraction.__call__`)."""
         if self.variant == "point":
-            k = self.cells.index(x)
+            k = self.cells.onehot(x)
             return torch.cat([self.cells.lower(k), self.cells.upper(k)], dim=1)
-        low = torch.minimum(torch.maximum(x - self.eps, self.zero32), self.one32)
-        high = torch.minimum(torch.maximum(x + self.eps, self.zero32), self.one32)
-        return torch.cat([self.cells.lower(self.cells.index(low)), self.cells.upper(self.cells.index(high))], dim=1)
+        low = torch.clamp(x - self.eps, 0.0, 1.0)
+        high = torch.clamp(x + self.eps, 0.0, 1.0)
+        return torch.cat([self.cells.lower(self.cells.onehot(low)), self.cells.upper(self.cells.onehot(high))], dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.network(self.abstract(x))
@@ -110,11 +129,115 @@ def export_form(network: nn.Module) -> nn.Module:
     return nn.Sequential(conv, *list(network)[1:]).eval()
 
 
-def hull_network(abstraction: Abstraction, network: nn.Module) -> nn.Module:
-    """The network over the hull box: PointHullNetwork (lower ends in) for 'point', N itself for 'region'."""
-    if abstraction.variant == "point":
-        return PointHullNetwork(network, abstraction.d).eval()
-    return network
+def _layers(network: nn.Module) -> list[nn.Module] | None:
+    """The layers of a (nested) nn.Sequential in order, or None for another kind of module."""
+    if not isinstance(network, nn.Sequential):
+        return None
+    layers: list[nn.Module] = []
+    for layer in network:
+        inner = _layers(layer) if isinstance(layer, nn.Sequential) else [layer]
+        if inner is None:
+            return None
+        layers += inner
+    return layers
+
+
+def _first_affine(network: nn.Module) -> tuple[list[nn.Module], nn.Conv2d | nn.Linear, list[nn.Module]] | None:
+    """(layers before, first affine layer, layers after) when N starts with an unpadded Conv2d (groups 1) or
+    Flatten + Linear, the two forms whose constant input term is a plain bias; else None."""
+    layers = _layers(network)
+    if not layers:
+        return None
+    first = layers[0]
+    if isinstance(first, nn.Conv2d) and first.groups == 1 and not isinstance(first.padding, str) \
+            and all(p == 0 for p in first.padding):
+        return [], first, layers[1:]
+    if len(layers) > 1 and isinstance(first, nn.Flatten) and isinstance(layers[1], nn.Linear):
+        return [first], layers[1], layers[2:]
+    return None
+
+
+def _conv1x1(weight: torch.Tensor, bias: torch.Tensor) -> nn.Conv2d:
+    """A 1×1 convolution (out × in weight matrix, bias) as float32."""
+    conv = nn.Conv2d(weight.shape[1], weight.shape[0], 1)
+    with torch.no_grad():
+        conv.weight.copy_(weight.reshape(*weight.shape, 1, 1).float())
+        assert conv.bias is not None  # bias=True
+        conv.bias.copy_(bias.float())
+    return conv
+
+
+def _folded(layer: nn.Conv2d | nn.Linear, weight: torch.Tensor, bias: torch.Tensor) -> nn.Conv2d | nn.Linear:
+    """A copy of `layer` reading weight.shape[1] inputs, with the given (float64) weight and bias as float32."""
+    new = copy.deepcopy(layer)
+    new.weight = nn.Parameter(weight.float(), requires_grad=False)
+    new.bias = nn.Parameter(bias.float(), requires_grad=False)
+    if isinstance(new, nn.Conv2d):
+        new.in_channels = int(weight.shape[1])
+    else:
+        new.in_features = int(weight.shape[1])
+    return new
+
+
+def _channels(network: nn.Module, channels: int | None) -> int:
+    """C, the image channels of the hull network's input: given, or half of N's input channels."""
+    if channels is not None:
+        return int(channels)
+    shape = getattr(network, "input_shape", None)  # our ONNX loader's modules: (batch, 2C, H, W)
+    if shape is None:
+        raise UserError("hull_network: pass the number of image channels for this network")
+    return int(shape[1]) // 2
+
+
+def _relu_form(channels: int, d: float) -> list[nn.Module]:
+    """[L, relu(L + d - 1)] from L >= 0: a 1×1 Conv (weights [I; I], bias [0; d - 1]) and a Relu."""
+    eye, zero = torch.eye(channels, dtype=torch.float64), torch.zeros(channels, dtype=torch.float64)
+    return [_conv1x1(torch.cat([eye, eye]), torch.cat([zero, zero + (d - 1.0)])), nn.ReLU()]
+
+
+def hull_network(abstraction: Abstraction, network: nn.Module, channels: int | None = None) -> nn.Module:
+    """The network over the hull box, as a plain feed-forward graph (Conv/Gemm/Relu/Flatten, float32 constants).
+
+    'region': N itself (2C channels in). 'point': lower ends L in (C channels), computing N([L, U]) with
+    U = min(L + d, 1), for L >= 0 (every hull box):
+    - d divides 1 (`divides_one`: U = L + d on every cell, the last one included): the upper ends are folded into
+      N's first affine layer, W = W_lower + W_upper and b = b + W_upper·d; no extra op;
+    - otherwise U = L + d - relu(L + d - 1): a 1×1 Conv [L, L + d - 1] then Relu (relu(L) = L for L >= 0) gives
+      [L, R], and the first layer reads it with W = [W_lower + W_upper, -W_upper], b = b + W_upper·d.
+    When N's first affine layer is not an unpadded Conv2d or Flatten + Linear (a padded convolution's constant
+    term is not a bias, or N is an arbitrary module) a 1×1 Conv computes [L, U] in front of N instead (after the
+    Relu above when d does not divide 1). `channels` (C) is needed only then, and is read from
+    `network.input_shape` (our ONNX loader's modules) when not given.
+    The result equals N([L, min(L + d, 1)]) in exact arithmetic; in float32 up to the rounding of the folded
+    first layer (a few ulp of its outputs)."""
+    if abstraction.variant != "point":
+        return network
+    from ..training.lower_form import divides_one
+
+    d = float(abstraction.d)
+    exact = divides_one(d)
+    parts = _first_affine(network)
+    f64 = torch.float64
+    if parts is None:
+        c = _channels(network, channels)
+        eye, zero = torch.eye(c, dtype=f64), torch.zeros(c, dtype=f64)
+        if exact:
+            return nn.Sequential(_conv1x1(torch.cat([eye, eye]), torch.cat([zero, zero + d])), network).eval()
+        upper = _conv1x1(torch.cat([torch.cat([eye, 0 * eye], 1), torch.cat([eye, -eye], 1)]),
+                         torch.cat([zero, zero + d]))
+        return nn.Sequential(*_relu_form(c, d), upper, network).eval()
+    before, first, after = parts
+    weight, bias = first.weight.detach().to(f64), first.bias
+    bias64 = bias.detach().to(f64) if bias is not None else torch.zeros(weight.shape[0], dtype=f64)
+    half = weight.shape[1] // 2
+    w_lower, w_upper = weight[:, :half], weight[:, half:]
+    constant = bias64 + d * w_upper.reshape(weight.shape[0], -1).sum(1)
+    if exact:
+        return nn.Sequential(*before, _folded(first, w_lower + w_upper, constant), *after).eval()
+    c = first.in_channels // 2 if isinstance(first, nn.Conv2d) else _channels(network, channels)
+    prefix = _relu_form(c, d)
+    folded = _folded(first, torch.cat([w_lower + w_upper, -w_upper], 1), constant)
+    return nn.Sequential(*prefix, *before, folded, *after).eval()
 
 
 def export_onnx(module: nn.Module, input_shape: tuple[int, ...], path: Path) -> None:

@@ -19,7 +19,8 @@ from ..errors import UserError
 
 SUPPORTED_OPS = (
     "Add", "AveragePool", "Cast", "Clip", "Concat", "Constant", "Conv", "Div", "Flatten", "Floor", "Gemm",
-    "Identity", "MatMul", "Max", "Min", "Mul", "Neg", "Relu", "Reshape", "Sigmoid", "Sub", "Tanh",
+    "Identity", "MatMul", "Max", "Min", "Mul", "Neg", "Relu", "Reshape", "Sigmoid", "Squeeze", "Sub", "Tanh",
+    "Unsqueeze",
 )
 
 # ONNX TensorProto element types → torch dtypes (the ones a Cast may name).
@@ -31,11 +32,13 @@ def read_onnx(path: Path):
     """Load and check an ONNX file; a missing, truncated or invalid file is a UserError naming it."""
     import onnx
 
+    from .vnnlib import read_stored, stored_path
+
     path = Path(path)
-    if not path.is_file():
+    if not stored_path(path).is_file():
         raise UserError(f"missing ONNX file {path}")
     try:
-        model = onnx.load(str(path))
+        model = onnx.load_model_from_string(read_stored(path))
         onnx.checker.check_model(model)
     except Exception as exc:  # DecodeError, ValidationError, ...
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -192,6 +195,27 @@ class OnnxModule(nn.Module):
                 out = torch.flatten(x, axis)
                 return torch.flatten(out, 0, axis - 1) if axis > 1 else out
             return flatten
+        if op == "Unsqueeze":
+            axes_attr = attrs.get("axes")
+
+            def unsqueeze(x, axes=None):
+                chosen = [int(a) for a in (axes.tolist() if axes is not None else axes_attr)]
+                rank = x.dim() + len(chosen)
+                for axis in sorted(a % rank for a in chosen):
+                    x = x.unsqueeze(axis)
+                return x
+            return unsqueeze
+        if op == "Squeeze":
+            squeeze_attr = attrs.get("axes")
+
+            def squeeze(x, axes=None):
+                chosen = axes.tolist() if axes is not None else squeeze_attr
+                if chosen is None:
+                    return x.squeeze()
+                for axis in sorted((int(a) % x.dim() for a in chosen), reverse=True):
+                    x = x.squeeze(axis)
+                return x
+            return squeeze
         if op == "Reshape":
             if attrs.get("allowzero", 0):
                 raise UserError(f"{path}: Reshape node {node.name!r} with allowzero=1 is not supported")

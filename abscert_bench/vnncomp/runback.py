@@ -21,6 +21,7 @@ the instance's timeout is reported as `timeout`, as VNN-COMP does.
 """
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,7 +40,7 @@ from ..validate import check_inside, read_json_file
 from .benchmark import FORMAT, IMAGES, METADATA, check_timeout
 from .onnx_export import hull_network
 from .onnx_loader import OnnxModule, load_onnx
-from .vnnlib import VnnlibProperty, format_number, read_vnnlib
+from .vnnlib import VnnlibProperty, format_number, read_vnnlib, stored_path
 
 RESULT_FIELDS = ["onnx_file", "vnnlib_file", "timeout_s", "result", "time_s", "method", "encoding", "index",
                  "label", "result_file"]
@@ -83,7 +84,7 @@ def read_instances(folder: Path) -> list[tuple[str, str, float, int]]:
         timeout_s = check_timeout(timeout, f"{path}: line {number}")
         for rel in (onnx_rel, vnn_rel):
             check_inside(folder, rel, f"{path}: line {number}")
-            if not (folder / rel).is_file():
+            if not stored_path(folder / rel).is_file():  # rel or rel.gz (VNN-COMP 2024 stores .gz)
                 raise UserError(f"{path}: line {number}: missing file {folder / rel}")
         rows.append((onnx_rel, vnn_rel, timeout_s, number))
     if not rows:
@@ -383,7 +384,7 @@ class RunBack:
                        budget: Budget) -> Outcome:
         """Deployed instance: corner search guided by the hull network, then the sound AbsCert check."""
         network_rel = self.meta.get("network_onnx")
-        if not network_rel or not (self.folder / network_rel).is_file():
+        if not network_rel or not stored_path(self.folder / network_rel).is_file():
             return self.solve_box(model, prop, budget, info)
         network = self.model(network_rel)
         if network_rel not in self._hulls:
@@ -544,7 +545,7 @@ def run_benchmark(folder: Path, out_csv: Path | None = None, bound_method: str =
         row = {"onnx_file": onnx_rel, "vnnlib_file": vnn_rel, "timeout_s": f"{timeout:g}", "result": outcome.result,
                "time_s": f"{elapsed:.4f}", "method": outcome.method, "encoding": info.get("encoding", ""),
                "index": info.get("index", ""), "label": info.get("label", ""),
-               "result_file": str(results_dir / name)}
+               "result_file": os.path.relpath(results_dir / name, folder)}  # relative to the folder
         rows.append(row)
         if progress is not None:
             progress(row)

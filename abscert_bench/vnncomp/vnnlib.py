@@ -8,6 +8,7 @@ that read back to the same float64, so the box read back equals the intended flo
 """
 from __future__ import annotations
 
+import gzip
 import math
 import re
 from dataclasses import dataclass, field
@@ -20,6 +21,21 @@ from ..margins import margin_rows
 
 Disjunct = tuple[np.ndarray, np.ndarray]  # (A: m×K, b: m): satisfied when A·y <= b
 MAX_DISJUNCTS = 10_000
+
+
+def stored_path(path: str | Path) -> Path:
+    """Where a benchmark file is stored: `path` itself, or `path`.gz when only the gzip-compressed copy exists
+    (VNN-COMP 2024 repositories store onnx/*.onnx.gz and vnnlib/*.vnnlib.gz and list the uncompressed names)."""
+    path = Path(path)
+    compressed = path.with_name(path.name + ".gz")
+    return compressed if not path.exists() and compressed.is_file() else path
+
+
+def read_stored(path: str | Path) -> bytes:
+    """The bytes of a benchmark file (see `stored_path`), decompressed when it ends in .gz."""
+    stored = stored_path(path)
+    data = stored.read_bytes()
+    return gzip.decompress(data) if stored.suffix == ".gz" else data
 
 
 def format_number(value: float) -> str:
@@ -316,10 +332,10 @@ def read_vnnlib(path: str | Path, num_inputs: int | None = None, num_outputs: in
     """Parse a VNN-LIB 1.0 file with a box input set; bad files raise a one-line UserError (file, line)."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = read_stored(path).decode()
     except FileNotFoundError:
         raise UserError(f"missing VNN-LIB file {path}") from None
-    except (OSError, UnicodeDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, EOFError) as exc:  # gzip.BadGzipFile is an OSError
         raise UserError(f"cannot read VNN-LIB file {path}: {type(exc).__name__}") from None
     reader = _Reader(path)
     forms = _parse_sexprs(text, path)

@@ -4,6 +4,7 @@ and hull ONNX and, where it decides an instance, agree with `vnncomp run`; onnx2
 
 Run with `make crosscheck`; the table of results goes to $CROSSCHECK_REPORT (default build/crosscheck.md).
 """
+import csv
 import os
 import time
 from pathlib import Path
@@ -22,6 +23,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 EPS = 0.1
 SAMPLES = 3
 TIMEOUT = 20.0
+COMMITTED = Path(__file__).resolve().parents[2] / "results" / "vnncomp"  # its folders are crosschecked too
+COMMITTED_MARABOU_S = 15  # Marabou's time per committed (MNIST) instance: loading and agreement are what count
 # name → (training method, method options): a standard (IBP-trained) network, AbsCert with d dividing 1 (upper
 # ends folded into the first layer) and with d not dividing 1 (the Relu form), the region variant
 RUNS = {
@@ -48,6 +51,12 @@ def folders(tmp_path_factory, digits):
         export_benchmark(run_dir, folder, samples=SAMPLES, seed=0, timeout=TIMEOUT)
         rows = run_benchmark(folder, use_sound_verifier=True)
         out[name] = (folder, {(r["onnx_file"], r["vnnlib_file"]): r for r in rows})
+    # the committed folders, with the run-back results committed beside them (read, never rewritten here)
+    for folder in sorted(COMMITTED.glob("*/instances.csv")):
+        with (folder.parent / "results.csv").open(newline="") as handle:
+            rows = list(csv.DictReader(handle))
+        out[f"results/vnncomp/{folder.parent.name}"] = (folder.parent, {(r["onnx_file"], r["vnnlib_file"]): r
+                                                                         for r in rows})
     return out
 
 
@@ -102,6 +111,8 @@ def test_marabou_loads_and_agrees(folders):
                                 "seconds": 0.0, "error": error})
                 continue
             start = time.perf_counter()
+            if name.startswith("results/"):
+                timeout = min(timeout, COMMITTED_MARABOU_S)
             loaded, verdict, witness, error = _marabou_solve(folder / onnx_rel, folder / vnn_rel, timeout)
             elapsed = time.perf_counter() - start
             confirmed = None
@@ -171,26 +182,34 @@ def test_onnx2pytorch_loads_every_onnx_and_matches_onnxruntime(folders):
 def _write_report():
     path = Path(os.environ.get("CROSSCHECK_REPORT", "build/crosscheck.md"))
     path.parent.mkdir(parents=True, exist_ok=True)
-    lines = ["# Crosscheck (tests/crosscheck): Marabou and onnx2pytorch on exported digits folders", "",
-             f"Folders: {', '.join(RUNS)}; {SAMPLES} images each, eps {EPS}, timeout {TIMEOUT:g} s.", "",
-             "| encoding | instances | loaded in Marabou | decided by Marabou | agreeing with vnncomp run "
-             "| both decided | ONNX files | loaded in onnx2pytorch | max abs diff to onnxruntime |",
-             "|---|---|---|---|---|---|---|---|---|"]
     mar, o2p = RESULTS["marabou"], RESULTS["onnx2pytorch"]
-    for encoding in ("standard", "hull", "deployed", "network"):
-        m = [r for r in mar if r["encoding"] == encoding]
-        o = [r for r in o2p if r["encoding"] == encoding]
-        decided = [r for r in m if r["marabou"] in ("unsat", "sat")]
-        both = [r for r in decided if r["ours"] in ("sat", "unsat")]
-        agree = [r for r in both if r["ours"] == r["marabou"]]
-        diffs = [r["max_abs_diff"] for r in o if r["max_abs_diff"] is not None]
-        instances = len(m) if m else "-"
-        marabou = (f"{sum(bool(r['loaded']) for r in m)}", f"{len(decided)}", f"{len(agree)} of {len(both)}") if m \
-            else ("-",) * 3
-        if encoding == "deployed" and m:  # Floor: not solved, only read
-            marabou = (marabou[0], "not solved (Floor)", "-")
-        lines.append(f"| {encoding} | {instances} | {' | '.join(marabou)} | {len(both) if m else '-'} | {len(o)} | "
-                     f"{sum(r['loaded'] for r in o)} | {max(diffs) if diffs else '-'} |")
+    lines = ["# Crosscheck (tests/crosscheck): Marabou and onnx2pytorch on exported folders", "",
+             f"digits: folders {', '.join(RUNS)} made by the test ({SAMPLES} images each, eps {EPS}, timeout "
+             f"{TIMEOUT:g} s); results/vnncomp: the committed MNIST folders (Marabou gets at most "
+             f"{COMMITTED_MARABOU_S} s per instance there).", "",
+             "| data | encoding | instances | loaded in Marabou | decided by Marabou | agreeing with vnncomp run "
+             "| both decided | ONNX files | loaded in onnx2pytorch | max abs diff to onnxruntime |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for source in ("digits", "results/vnncomp"):
+        def mine(r, source=source):
+            return r["folder"].startswith("results/") == (source == "results/vnncomp")
+
+        for encoding in ("standard", "hull", "deployed", "network"):
+            m = [r for r in mar if r["encoding"] == encoding and mine(r)]
+            o = [r for r in o2p if r["encoding"] == encoding and mine(r)]
+            if not m and not o:
+                continue
+            decided = [r for r in m if r["marabou"] in ("unsat", "sat")]
+            both = [r for r in decided if r["ours"] in ("sat", "unsat")]
+            agree = [r for r in both if r["ours"] == r["marabou"]]
+            diffs = [r["max_abs_diff"] for r in o if r["max_abs_diff"] is not None]
+            instances = len(m) if m else "-"
+            marabou = (f"{sum(bool(r['loaded']) for r in m)}", f"{len(decided)}", f"{len(agree)} of {len(both)}") \
+                if m else ("-",) * 3
+            if encoding == "deployed" and m:  # Floor: not solved, only read
+                marabou = (marabou[0], "not solved (Floor)", "-")
+            lines.append(f"| {source} | {encoding} | {instances} | {' | '.join(marabou)} | {len(both) if m else '-'} | "
+                         f"{len(o)} | {sum(r['loaded'] for r in o)} | {max(diffs) if diffs else '-'} |")
     lines += ["", "## Marabou, per instance", "", "| folder | encoding | vnnlib | Marabou | witness confirmed | ours "
               "| s | error |", "|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['folder']} | {r['encoding']} | {r['vnnlib']} | {r['marabou']} | {r['witness_confirmed']} | "

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 EPS = 0.1
 SAMPLES = 3
-TIMEOUT = 20.0
+TIMEOUT = 60.0
 COMMITTED = Path(__file__).resolve().parents[2] / "results" / "vnncomp"  # its folders are crosschecked too
 COMMITTED_MARABOU_S = 15  # Marabou's time per committed (MNIST) instance: loading and agreement are what count
 # name → (training method, method options): a standard (IBP-trained) network, AbsCert with d dividing 1 (upper

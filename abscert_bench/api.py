@@ -35,7 +35,7 @@ from .sound.choices import PixelOptions, reachable_options
 from .trained import TrainedModel
 from .training import METHODS, create_method
 from .training.config import TRAIN_FIELD_DEFAULTS, config_from_settings
-from .training.loop import evaluate, model_config_of, train_step, training_schedule
+from .training.loop import model_config_of, train_step, training_schedule
 from .verification import VERIFIERS, SampleResult
 from .verification.run import run_verifiers
 
@@ -84,8 +84,9 @@ def _output_width(module: nn.Module, shape: list[int], abstraction: Abstraction 
         with torch.no_grad():
             out = module(abstraction(example) if abstraction is not None else example)
     except RuntimeError as exc:
+        given = abstraction(example) if abstraction is not None else example
         raise UserError(f"the module does not take {'abstract ' if abstraction else ''}inputs of shape "
-                        f"{tuple((abstraction(example) if abstraction else example).shape[1:])}: {exc}") from None
+                        f"{tuple(given.shape[1:])}: {exc}") from None
     finally:
         module.train(was_training)
     if out.dim() != 2:
@@ -114,8 +115,7 @@ def train(
     """
     if not isinstance(module, nn.Module):
         raise UserError(f"expected an nn.Module, got {type(module).__name__}")
-    if method not in METHODS:
-        METHODS.get(method)  # the UserError listing the valid names
+    METHODS.get(method)  # an unknown name: the UserError listing the valid ones, before anything runs
     run = {"seed": settings.pop("seed")} if "seed" in settings else {}
     known = {k: v for k, v in settings.items() if k in TRAIN_FIELD_DEFAULTS}
     method_options = {k: v for k, v in settings.items() if k not in TRAIN_FIELD_DEFAULTS}
@@ -136,8 +136,8 @@ def train(
     abstraction = training.abstraction()
     shape = list(x0.shape[1:])
     num_classes = _output_width(network, shape, abstraction)
-    trained = TrainedModel(network, {**model_config_of(config.model, shape, num_classes, training,
-                                                       config.activation)}, abstraction)
+    trained = TrainedModel(network, model_config_of(config.model, shape, num_classes, training, config.activation),
+                           abstraction)
     try:
         steps_per_epoch = len(loader)  # type: ignore[arg-type]
     except TypeError:
@@ -188,11 +188,13 @@ def accuracy(trained: TrainedModel, loader: Batches) -> float:
     """Clean accuracy of the deployed classifier (N(phi(x)) for AbsCert) over the batches of `loader`."""
     classifier = trained.classifier()
     device = module_device(trained.network)
+    classifier.eval()
     correct = seen = 0
-    for batch in loader:
-        x, y = batch[0].to(device), batch[1].to(device)
-        correct += round(evaluate(classifier, x, y) * len(y))
-        seen += len(y)
+    with torch.no_grad():
+        for batch in loader:
+            x, y = batch[0].to(device), batch[1].to(device)
+            correct += int((classifier(x).argmax(1) == y).sum())
+            seen += len(y)
     return correct / max(1, seen)
 
 
@@ -202,6 +204,13 @@ def check_images(x: torch.Tensor) -> None:
         raise UserError(f"images must be an N×C×H×W float tensor, got {getattr(x, 'shape', type(x).__name__)}")
     if not torch.isfinite(x).all() or (x.numel() and (float(x.min()) < 0 or float(x.max()) > 1)):
         raise UserError("images must be finite raw pixels in [0, 1]")
+
+
+def check_batch(x: torch.Tensor, y: torch.Tensor) -> None:
+    """Raw images (see `check_images`) and one label per image (a 1-D tensor)."""
+    check_images(x)
+    if not isinstance(y, torch.Tensor) or y.dim() != 1 or len(y) != len(x):
+        raise UserError(f"labels must be a 1-D tensor of {len(x)} class ids")
 
 
 # --------------------------------------------------------------------------------------------- auto_LiRPA
@@ -285,16 +294,13 @@ def verify(
     falsified) and `details`. `options` maps a verifier name to its builder options, e.g.
     {"abscert-sound": {"timeout": 5}}. A plain module is wrapped with `model(module, abstraction)`.
     """
-    check_images(x)
-    if not isinstance(y, torch.Tensor) or y.dim() != 1 or len(y) != len(x):
-        raise UserError(f"labels must be a 1-D tensor of {len(x)} class ids")
+    check_batch(x, y)
     if isinstance(verifiers, str):
         verifiers = [verifiers]
     unknown = [v for v in (options or {}) if v not in verifiers]
     if unknown:
         raise UserError(f"options given for verifiers not run: {', '.join(unknown)}")
-    trained = model(trained, abstraction, input_shape=tuple(x.shape[1:])) if not isinstance(trained, TrainedModel) \
-        else trained
+    trained = model(trained, abstraction, input_shape=tuple(x.shape[1:]))
     device = module_device(trained.network)
     runs = run_verifiers(trained, x.to(device), y.to(device), check_eps(eps), list(verifiers), options or {},
                          cascade=cascade, batch_size=batch_size)
@@ -326,11 +332,8 @@ def export_vnncomp(trained: TrainedModel | nn.Module, x: torch.Tensor, y: torch.
     """
     from .vnncomp.benchmark import write_benchmark
 
-    check_images(x)
-    trained = model(trained, abstraction, input_shape=tuple(x.shape[1:])) if not isinstance(trained, TrainedModel) \
-        else trained
-    if not isinstance(y, torch.Tensor) or y.dim() != 1 or len(y) != len(x):
-        raise UserError(f"labels must be a 1-D tensor of {len(x)} class ids")
+    check_batch(x, y)
+    trained = model(trained, abstraction, input_shape=tuple(x.shape[1:]))
     index_list = list(range(len(x))) if indices is None else [int(i) for i in indices]
     if len(index_list) != len(x):
         raise UserError(f"indices must name the {len(x)} images")

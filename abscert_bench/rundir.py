@@ -9,8 +9,6 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError
-
 
 def create_run_dir(path: Path, force: bool = False) -> Path:
     """Create `path` with its marker; an existing one with files needs `force` and must be a run directory written
@@ -52,13 +50,10 @@ def write_json(path: Path, data: Any) -> None:
 
 
 def read_json(path: Path) -> Any:
-    """Read JSON, with a one-line error naming the file when it is missing or malformed."""
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"missing {path}") from None
-    except json.JSONDecodeError as exc:
-        raise UserError(f"malformed JSON in {path}: line {exc.lineno}") from None
+    """Read JSON of any type, with a one-line error naming the file when it is missing, binary or malformed."""
+    from .validate import read_json_file
+
+    return read_json_file(path, kind=None)
 
 
 def write_csv(path: Path, rows: Iterable[dict[str, Any]], fieldnames: list[str] | None = None) -> None:
@@ -74,6 +69,7 @@ def write_csv(path: Path, rows: Iterable[dict[str, Any]], fieldnames: list[str] 
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:
-    """Read a CSV into a list of dicts."""
-    with path.open(newline="") as handle:
-        return list(csv.DictReader(handle))
+    """Read a CSV into a list of dicts (missing, binary or corrupt files: a one-line UserError)."""
+    from .validate import read_csv_file
+
+    return read_csv_file(path)

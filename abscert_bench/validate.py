@@ -162,16 +162,22 @@ def check_input_dir(path: Path, what: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------ files read back
-def read_json_file(path: Path, kind: type | None = dict) -> Any:
-    """JSON from `path` (of type `kind`); missing, unreadable, binary or malformed files are a UserError."""
+def read_text_file(path: Path, what: str = "") -> str:
+    """The text of `path`; a missing, unreadable or binary file is a one-line UserError (`what`: e.g. 'spec')."""
+    named = f"{what} {path}" if what else str(path)
     try:
-        text = path.read_text()
+        return path.read_text()
     except FileNotFoundError:
-        raise UserError(f"missing {path}") from None
+        raise UserError(f"no such {what} file {path}" if what else f"missing {path}") from None
     except UnicodeDecodeError:
-        raise UserError(f"{path} is not a text file (binary or corrupt)") from None
+        raise UserError(f"{named} is not a text file (binary or corrupt)") from None
     except OSError as exc:
-        raise UserError(f"cannot read {path}: {exc.strerror or exc}") from None
+        raise UserError(f"cannot read {named}: {exc.strerror or exc}") from None
+
+
+def read_json_file(path: Path, kind: type | None = dict) -> Any:
+    """JSON from `path` (of type `kind`; None: any); missing, unreadable, binary or malformed files are a UserError."""
+    text = read_text_file(path)
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:

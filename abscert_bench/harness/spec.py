@@ -125,15 +125,10 @@ class _Checker:
 
 def load_spec(path: str | Path) -> Spec:
     """Read and validate a TOML spec file."""
+    from ..validate import read_text_file
+
     path = Path(path)
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise UserError(f"no such spec file {path}") from None
-    except UnicodeDecodeError:
-        raise UserError(f"spec {path} is not a text file (binary or not UTF-8)") from None
-    except OSError as exc:
-        raise UserError(f"cannot read spec {path}: {exc.strerror}") from None
+    text = read_text_file(path, "spec")
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:

@@ -40,7 +40,7 @@ from ..validate import (
 
 
 def _meta(name: str):
-    """The registered metadata of verifier `name` (defaults for a cascade); registers the built-ins first."""
+    """The registered metadata of verifier `name` (defaults for a cascade); imported here, not at the top: torch."""
     from ..verification.base import verifier_meta
 
     return verifier_meta(name)
@@ -147,9 +147,8 @@ def collect(paths: list[Path]) -> list[dict[str, Any]]:
 
 def verifier_columns(rows: list[dict[str, Any]]) -> list[str]:
     """Verifier names present in the rows, in their registered order (cascades and unregistered ones last)."""
-    from ..verification.base import VERIFIERS, all_verifier_names
+    from ..verification.base import VERIFIERS
 
-    all_verifier_names()
     return VERIFIERS.ordered(key.split(":samples")[0] for row in rows for key in row if key.endswith(":samples"))
 
 

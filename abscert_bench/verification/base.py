@@ -149,13 +149,12 @@ def all_verifier_names() -> list[str]:
 
 def verifier_meta(name: str) -> VerifierMeta:
     """The registered metadata of verifier `name`; defaults for a name outside the registry (a cascade)."""
-    all_verifier_names()
     return VERIFIERS.meta(name) if name in VERIFIERS else VERIFIERS.default_meta(name)
 
 
 def verifiers_in_group(*groups: str) -> list[str]:
     """Registered verifiers of the given groups, in their order."""
-    return [n for n in VERIFIERS.ordered(all_verifier_names()) if verifier_meta(n).group in groups]
+    return [n for n in VERIFIERS.ordered(VERIFIERS.names()) if verifier_meta(n).group in groups]
 
 
 def summarize(results: list[SampleResult]) -> dict[str, Any]:

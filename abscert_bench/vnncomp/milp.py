@@ -173,15 +173,20 @@ def crown_bounds(form: PiecewiseLinear, lower: np.ndarray, upper: np.ndarray, ro
     return pre, lb.detach().double().reshape(-1).numpy()
 
 
-def interval_bounds(form: PiecewiseLinear, lower: np.ndarray, upper: np.ndarray):
-    """Per ReLU layer the interval bounds (l, u) of its inputs over the box, and the bounds of every variable."""
+def interval_bounds(form: PiecewiseLinear, lower: np.ndarray, upper: np.ndarray, tighter=None):
+    """Per ReLU layer the interval bounds (l, u) of its inputs over the box, and the bounds of every variable.
+
+    `tighter`: other sound bounds per layer (CROWN's); each layer then uses the intersection, and the layers after
+    it propagate from the tightened ReLU outputs."""
     v_lo, v_hi = lower.astype(np.float64).copy(), upper.astype(np.float64).copy()
     pre = []
-    for w, b in form.layers:
+    for k, (w, b) in enumerate(form.layers):
         mid, rad = (v_lo + v_hi) / 2, (v_hi - v_lo) / 2
         centre = w @ mid + b
         spread = np.abs(w) @ rad
         lo, hi = centre - spread, centre + spread
+        if tighter is not None:
+            lo, hi = np.maximum(lo, tighter[k][0]), np.minimum(hi, tighter[k][1])
         pre.append((lo, hi))
         v_lo, v_hi = np.concatenate([v_lo, np.maximum(lo, 0)]), np.concatenate([v_hi, np.maximum(hi, 0)])
     return pre, v_lo, v_hi
@@ -215,18 +220,13 @@ def decide(form: PiecewiseLinear, prop: VnnlibProperty, model: torch.nn.Module, 
            binary_inputs: bool = False) -> MilpOutcome:
     """Decide the property over its input box; `binary_inputs`: only the box's corners count (hull witnesses)."""
     from scipy.optimize import Bounds, LinearConstraint, milp
-    from scipy.sparse import coo_matrix, csr_matrix, hstack, vstack
+    from scipy.sparse import coo_matrix, csr_matrix, vstack
 
     start = time.perf_counter()
     lower, upper = prop.lower.astype(np.float64), prop.upper.astype(np.float64)
-    pre, v_lo, v_hi = interval_bounds(form, lower, upper)
     a_all, b_all, owner = prop.rows()
     crown_pre, row_lower = crown_bounds(form, lower, upper, a_all)
-    if crown_pre is not None:  # the tighter of the two per neuron, both sound
-        pre = [(np.maximum(lo, cl), np.minimum(hi, cu)) for (lo, hi), (cl, cu) in zip(pre, crown_pre)]
-        v_lo, v_hi = lower.copy(), upper.copy()
-        for lo, hi in pre:
-            v_lo, v_hi = np.concatenate([v_lo, np.maximum(lo, 0)]), np.concatenate([v_hi, np.maximum(hi, 0)])
+    pre, v_lo, v_hi = interval_bounds(form, lower, upper, crown_pre)  # per neuron the tighter of IBP and CROWN
     done = set()  # disjuncts CROWN already refutes: a row whose lower bound exceeds its b + margin
     if row_lower is not None:
         done = {d for i, d in enumerate(owner) if row_lower[i] - b_all[i] > UNSAT_MARGIN}
@@ -290,7 +290,7 @@ def decide(form: PiecewiseLinear, prop: VnnlibProperty, model: torch.nn.Module, 
             return MilpOutcome("unknown", seconds=time.perf_counter() - start, detail="time limit")
         coeff = a_rows @ form.out_w  # rows over v: A·y - b - t <= 0
         extra = coo_matrix(np.hstack([coeff, np.zeros((len(b_rows), n_d + n_corner)), -np.ones((len(b_rows), 1))]))
-        matrix = extra if base is None else vstack([base, hstack([extra.tocsr()])])
+        matrix = extra if base is None else vstack([base, extra])
         c_lo = np.concatenate([lb, np.full(len(b_rows), -np.inf)])
         c_hi = np.concatenate([ub, b_rows - a_rows @ form.out_b])
         with _quiet_stdout():  # HiGHS prints solver chatter on the C-level stdout

@@ -101,12 +101,17 @@ def add_training_args(p: argparse.ArgumentParser, single_method: bool) -> None:
                    "lenet5, cnn7, dm_small_bn, dm_medium_bn, resnet18, vgg11)")
     p.add_argument("--activation", default=D["activation"], help="relu, sigmoid or tanh (default: %(default)s)")
     if single_method:
-        p.add_argument("--method", default="abscert", help="natural, abscert, ibp, crown-ibp")
+        p.add_argument("--method", default="abscert", help="natural, abscert, ibp, crown-ibp, abscert-adv, "
+                       "abscert-random, abscert-ibp, abscert-crown-ibp (or a plugin's)")
+        p.add_argument("--method-option", action="append", default=[], metavar="KEY=VALUE",
+                       help="a training method option (a TOML value: mix=0.8, attack_restarts=1, loss_fusion=true, "
+                            "init=\"default\"; bare words are strings); repeatable. Spec files set them per method")
     else:
         p.add_argument("--methods", type=V.name_list, default=",".join(DEFAULT_METHODS),
                        help="comma-separated training methods (default: %(default)s)")
     p.add_argument("--eps", type=V.finite_float, default=0.1, help="L∞ radius in raw [0,1] pixel units")
-    p.add_argument("--d", default=None, help="AbsCert granularity (default 0.2); a comma list runs the paper's "
+    p.add_argument("--d", default=None, help="AbsCert granularity (default: abscert 0.2, abscert-adv / abscert-random "
+                   "/ abscert-ibp 2·eps); a comma list runs the paper's "
                    "granularity search (protocol pixel only: official/clean choose d themselves)")
     p.add_argument("--protocol", default="pixel", help="AbsCert protocol: pixel (eps and d in raw-pixel units, as "
                    "given), official (the published code: paper units, 2 // d cells, [-1,1] normalisation, official "
@@ -177,8 +182,27 @@ def abscert_options(args: argparse.Namespace) -> dict[str, Any]:
         return options
     if args.recipe is not None or args.d_step is not None:
         raise UserError("--recipe and --d-step belong to --protocol official or clean")
-    grid = _floats("0.2" if args.d is None else args.d, "--d: ")
+    if args.d is None:  # each method's own default (abscert 0.2; abscert-adv / -random / -ibp: 2·eps)
+        return {"variant": args.variant}
+    grid = _floats(args.d, "--d: ")
     return {"d": grid if len(grid) > 1 else grid[0], "variant": args.variant}
+
+
+def method_option_values(items: list[str]) -> dict[str, Any]:
+    """--method-option KEY=VALUE items → {key: TOML value} (bare words are strings)."""
+    import tomllib
+
+    options: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key.replace("_", "").isalnum():
+            raise UserError(f"--method-option: expected KEY=VALUE, got {item!r}")
+        try:
+            options[key] = tomllib.loads(f"v = {text.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            options[key] = text.strip()
+    return options
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -191,8 +215,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     MODELS.get(args.model)
     config = base_config(args, args.method)
-    config.method_options = accepted_options(args.method, abscert_options(args))
+    config.method_options = {**accepted_options(args.method, abscert_options(args)),
+                             **method_option_values(args.method_option)}
     config.validate()
+    from .training.methods import create_method
+
+    create_method(args.method, config.eps, **{k: (v[0] if k == "d" and isinstance(v, list) else v)
+                                               for k, v in config.method_options.items()})  # options checked now
     resolve_device(args.device)
     dataset = load_dataset(args.dataset, args.data_root)
     run_dir = create_run_dir(Path(args.out), force=args.force)

@@ -76,46 +76,84 @@ def _step_candidates(options, samples, choice, grad, fractions, valid) -> list[n
     return out
 
 
-def discrete_attack(
+def random_choices(options: PixelOptions, samples: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """One option index per pixel of each listed sample, uniform over that pixel's options (n × P)."""
+    count = options.count[samples]
+    return np.minimum((rng.random(count.shape) * count).astype(np.int64), count - 1)
+
+
+def _device(network: nn.Module) -> torch.device:
+    parameter = next(network.parameters(), None)
+    return parameter.device if parameter is not None else torch.device("cpu")
+
+
+def search_choices(
     network: nn.Module, options: PixelOptions, samples: np.ndarray, labels: torch.Tensor,
-    steps: int = 3, restarts: int = 1, seed: int = 0,
-) -> dict[int, np.ndarray]:
-    """Option choices N misclassifies, keyed by position in `samples` (only samples where one was found)."""
+    steps: int = 3, restarts: int = 1, seed: int = 0, stop_on_hit: bool = True,
+) -> tuple[dict[int, np.ndarray], np.ndarray, np.ndarray]:
+    """The gradient-guided discrete search (module docstring), from the clean choice and `restarts` random starts.
+
+    Returns (hits, worst, margin): `hits` the misclassified choices keyed by position in `samples`; `worst`
+    (n × P) the lowest-margin choice seen per sample and `margin` its margin. With `stop_on_hit` a sample leaves
+    the search at its first misclassified candidate (the verifier's attack); without, every sample runs every step
+    of every start and `worst` is the lowest margin found (the adversarial training loss).
+    """
+    n = len(samples)
     found: dict[int, np.ndarray] = {}
-    if len(samples) == 0:
-        return found
+    worst = options.clean[samples].copy()
+    worst_margin = np.full(n, np.inf)
+    if n == 0:
+        return found, worst, worst_margin
+    device = _device(network)
+    labels = labels.to(device)
     rng = np.random.default_rng(seed)
     count = options.count[samples]
     valid = np.arange(options.lower.shape[2])[None, None, :] < count[:, :, None]
-    starts = [options.clean[samples].copy()]
-    for _ in range(restarts):
-        starts.append(np.minimum((rng.random(count.shape) * count).astype(np.int64), count - 1))
+    starts = [options.clean[samples].copy()] + [random_choices(options, samples, rng) for _ in range(restarts)]
     for start in starts:
-        active = np.array([i for i in range(len(samples)) if i not in found], dtype=np.int64)
+        active = np.array([i for i in range(n) if not (stop_on_hit and i in found)], dtype=np.int64)
         if active.size == 0:
             break
         choice = start[active]
         for _ in range(max(1, steps)):
-            z = abstract_batch(options, samples[active], choice)
-            grad = _gradient(network, z, labels[active])
+            z = abstract_batch(options, samples[active], choice).to(device)
+            grad = _gradient(network, z, labels[active]).cpu()
             candidates = _step_candidates(options, samples[active], choice, grad, FRACTIONS, valid[active])
             stacked = np.concatenate([choice[None]] + [c[None] for c in candidates], axis=0)  # k × n × P
             k = stacked.shape[0]
             flat = stacked.reshape(k * len(active), -1)
             with torch.no_grad():
                 repeated = labels[active].repeat(k)
-                logits = network(abstract_batch(options, np.tile(samples[active], k), flat))
+                logits = network(abstract_batch(options, np.tile(samples[active], k), flat).to(device))
                 cand_margin = margins_from_logits(logits, repeated).view(k, len(active))
                 wrong = (logits.argmax(dim=1) != repeated).view(k, len(active))
             # Prefer a misclassified candidate (argmax != y, ties as the classifier breaks them).
-            score = torch.where(wrong, torch.full_like(cand_margin, -torch.inf), cand_margin)
-            best = score.argmin(dim=0).numpy()
+            score = torch.where(wrong, torch.full_like(cand_margin, -torch.inf), cand_margin) if stop_on_hit \
+                else cand_margin
+            best = score.argmin(dim=0).cpu().numpy()
             choice = stacked[best, np.arange(len(active))]
-            hit = wrong.any(dim=0).numpy()
+            margin = cand_margin[torch.from_numpy(best).to(device), torch.arange(len(active), device=device)]
+            margin = margin.double().cpu().numpy()
+            better = margin < worst_margin[active]
+            worst[active[better]] = choice[better]
+            worst_margin[active[better]] = margin[better]
+            hit = wrong.any(dim=0).cpu().numpy()
             for j in np.flatnonzero(hit):
-                found[int(active[j])] = choice[j].copy()
+                if int(active[j]) not in found:
+                    found[int(active[j])] = choice[j].copy() if stop_on_hit else \
+                        stacked[int(torch.nonzero(wrong[:, j])[0]), j].copy()
+            if not stop_on_hit:
+                continue
             keep = ~hit
             if not keep.any():
                 break
             active, choice = active[keep], choice[keep]
-    return found
+    return found, worst, worst_margin
+
+
+def discrete_attack(
+    network: nn.Module, options: PixelOptions, samples: np.ndarray, labels: torch.Tensor,
+    steps: int = 3, restarts: int = 1, seed: int = 0,
+) -> dict[int, np.ndarray]:
+    """Option choices N misclassifies, keyed by position in `samples` (only samples where one was found)."""
+    return search_choices(network, options, samples, labels, steps, restarts, seed)[0]

@@ -126,13 +126,17 @@ class AbsCertMethod(TrainingMethod):
             x = augment_official(x)
         return self.loss_from_input(network, self.network_input(x), y)
 
-    def loss_from_input(self, network, inputs, y):
-        logits = None
+    def logits(self, network: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+        """N(inputs) for abstract inputs of the point or region form."""
         if self._abstraction.variant == "point" and divides_one(self._abstraction.d) and inputs.dim() == 4:
             # every cell has width d: the first layer reads the lower ends only (same function, ~half its cost)
             logits = lower_forward(network, inputs[:, :inputs.shape[1] // 2], self._abstraction.d)
-        if logits is None:
-            logits = network(inputs)
+            if logits is not None:
+                return logits
+        return network(inputs)
+
+    def loss_from_input(self, network, inputs, y):
+        logits = self.logits(network, inputs)
         loss = F.cross_entropy(logits, y)
         if self.weight_decay > 0:  # Adam's coupled weight decay wd·θ on the gradient == (wd/2)·||θ||² in the loss
             loss = loss + 0.5 * self.weight_decay * sum(p.pow(2).sum() for p in network.parameters())

@@ -14,12 +14,16 @@ class FusedLoss:
     the box is an upper bound of the worst-case CE, found with one bound of a scalar output instead of K-1 margins.
     """
 
-    def __init__(self, network: nn.Module, example: torch.Tensor, bound_opts: dict | None = None) -> None:
+    def __init__(self, module: nn.Module, example: torch.Tensor, bound_opts: dict | None = None,
+                 network: nn.Module | None = None, prefix: str = "") -> None:
+        """`module` is bounded; `network` (default: `module`) is the trained network inside it, whose parameters
+        and buffers carry the name prefix `prefix` in `module`."""
         lib = lirpa()
-        wrapper = lib.CrossEntropyWrapper(network)
+        wrapper = lib.CrossEntropyWrapper(module)
         inputs = (torch.zeros_like(example[:1]), torch.zeros(1, dtype=torch.long, device=example.device))
-        self.bounded = build_bounded(wrapper, network, inputs, {**(bound_opts or {}), "loss_fusion": True},
-                                     example.device, prefix="model.")
+        self.bounded = build_bounded(wrapper, module if network is None else network, inputs,
+                                     {**(bound_opts or {}), "loss_fusion": True}, example.device,
+                                     prefix="model." + prefix)
         nodes = list(self.bounded._modules.values())
         subs = [n for n in nodes if type(n).__name__ == "BoundSub"
                 and type(n.inputs[1]).__name__ == "BoundGatherElements"]

@@ -31,7 +31,7 @@ from torch import nn
 
 from abscert_bench.abstraction import ball
 from abscert_bench.errors import UserError
-from abscert_bench.lirpa import bounded_module, margin_lower_bounds, relu_input_nodes, set_batchnorm_training
+from abscert_bench.lirpa import build_bounded, margin_lower_bounds, relu_input_nodes, set_batchnorm_training
 from abscert_bench.training.methods import METHODS, TrainingMethod
 from abscert_bench.training.schedule import Schedule
 
@@ -112,14 +112,28 @@ class BoundTrainingMethod(TrainingMethod):
         self.fused: FusedLoss | None = None
         self.last_terms: dict[str, float] = {}
 
+    def bound_network(self, network: nn.Module) -> tuple[nn.Module, str]:
+        """The module whose outputs are bounded (sharing `network`'s parameters) and the name prefix of `network`'s
+        parameters inside it. Plain IBP / CROWN-IBP: the network itself."""
+        return network, ""
+
+    def bound_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The bounded module's clean input for raw images x."""
+        return x
+
+    def input_box(self, x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """The bounded module's input box for raw images x at radius eps: the clipped L∞ ball."""
+        return ball(x, eps)
+
     def prepare(self, network: nn.Module, example: torch.Tensor) -> None:
         if self.init == "ibp":
             ibp_init(network)
+        module, prefix = self.bound_network(network)
         if self.loss_fusion:
-            self.fused = FusedLoss(network, example)
+            self.fused = FusedLoss(module, example, network=network, prefix=prefix)
             self.bounded = self.fused.bounded
         else:
-            self.bounded = bounded_module(network, example)
+            self.bounded = build_bounded(module, network, torch.zeros_like(example[:1]), None, example.device, prefix)
 
     def margin_bounds(self, lower, upper, y, num_classes, schedule: Schedule, step: int) -> torch.Tensor:
         """IBP margin lower bounds (CROWN-IBP overrides)."""
@@ -156,7 +170,8 @@ class BoundTrainingMethod(TrainingMethod):
         if self.bounded is None:
             raise RuntimeError("prepare() must be called before loss()")
         set_batchnorm_training(self.bounded, network.training)
-        logits = self.fused.logits(x, y) if self.fused is not None else self.bounded(x)
+        inputs = self.bound_input(x)
+        logits = self.fused.logits(inputs, y) if self.fused is not None else self.bounded(inputs)
         clean = F.cross_entropy(logits, y)
         eps = schedule.eps_at(step)
         reg_scale = self.reg_weight * (1 - schedule.fraction(step)) if schedule.eps > 0 else 0.0
@@ -165,7 +180,7 @@ class BoundTrainingMethod(TrainingMethod):
         if not (want_robust or want_reg):
             return clean, logits
         num_classes = logits.shape[1]
-        lower, upper = ball(x, eps if want_robust else REG_MIN_EPS)
+        lower, upper = self.input_box(x, eps if want_robust else REG_MIN_EPS)
         robust, terms = self.robust_and_regularizer(lower, upper, y, num_classes, schedule, step,
                                                     want_robust, want_reg)
         if robust is None:
@@ -197,10 +212,10 @@ class CrownIBPMethod(BoundTrainingMethod):
         return beta * crown_ibp + (1 - beta) * ibp
 
 
-def _check_rest(name: str, rest: dict[str, Any]) -> None:
+def _check_rest(name: str, rest: dict[str, Any],
+                valid: str = "init, reg_weight, reg_tol, loss_mix, loss_fusion") -> None:
     if rest:
-        raise UserError(f"unknown {name} options: {', '.join(rest)}; valid: init, reg_weight, reg_tol, loss_mix, "
-                        "loss_fusion")
+        raise UserError(f"unknown {name} options: {', '.join(rest)}; valid: {valid}")
 
 
 @METHODS.register("ibp")

@@ -132,8 +132,7 @@ def search_choices(
                 else cand_margin
             best = score.argmin(dim=0).cpu().numpy()
             choice = stacked[best, np.arange(len(active))]
-            margin = cand_margin[torch.from_numpy(best).to(device), torch.arange(len(active), device=device)]
-            margin = margin.double().cpu().numpy()
+            margin = cand_margin.double().cpu().numpy()[best, np.arange(len(active))]
             better = margin < worst_margin[active]
             worst[active[better]] = choice[better]
             worst_margin[active[better]] = margin[better]

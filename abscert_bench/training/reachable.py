@@ -9,8 +9,8 @@ has at most two). `abscert-sound` certifies N on all of them, so training on the
   (`sound.attack.search_choices`: gradient-guided rounding to the allowed options, `attack_steps` steps from the
   clean choice and `attack_restarts` random starts; the lowest margin found; per image the larger cross-entropy
   of it and of phi(x), which is reachable too, so the adversarial loss is never below the clean one), mixed with
-  the clean abstraction loss as (1 - w)·CE(clean) + w·CE(adversarial), w = `mix` × the schedule's ramp fraction (0 while warming up).
-  The attack radius follows the eps ramp too.
+  the clean abstraction loss as (1 - w)·CE(clean) + w·CE(adversarial), w = `mix` × the schedule's ramp fraction
+  (0 while warming up). The attack radius follows the eps ramp too.
 - `abscert-random`: the same mixture with a uniformly sampled reachable input instead of the worst one — the
   control that tells worst cases from merely seeing the neighbouring cells.
 

@@ -143,6 +143,28 @@ class Abstraction:
         (The exact reachable abstract inputs, float32 rounding included, are `sound.reachable_options`.)"""
         return reachable_cells(x, self.d, check_eps(eps))
 
+    def reachable_box(self, x: torch.Tensor, eps: float, form: str = "ends") -> tuple[torch.Tensor, torch.Tensor]:
+        """Box (lower, upper) of the abstract inputs reachable from the [0,1]-clipped eps-ball around x.
+
+        Both ends of the abstract pair are non-decreasing in the pixel value, so the box is spanned by the
+        abstractions of the ball's two corners. `form`: 'ends' — the box of [L, U] (2C channels); 'lower' — the
+        lower ends L only (C channels: for the point variant U is a function of L); 'gap' — the box of [L, U - L]
+        (the gap form `abscert-sound` bounds: a pixel's gap is d in every cell but a clipped last one, so it spans
+        the gaps at the two corners). Float32 rounding at cell edges is not widened here (the exact sweep of the
+        verifier is `sound.reachable_options`)."""
+        lo, hi = ball(x, check_eps(eps))
+        a_lo, a_hi = self(lo), self(hi)
+        channels = x.shape[1]
+        if form == "ends":
+            return a_lo, a_hi
+        if form == "lower":
+            return a_lo[:, :channels], a_hi[:, :channels]
+        if form != "gap":
+            raise ValueError(f"unknown box form {form!r}")
+        gap_lo, gap_hi = a_lo[:, channels:] - a_lo[:, :channels], a_hi[:, channels:] - a_hi[:, :channels]
+        return (torch.cat([a_lo[:, :channels], torch.minimum(gap_lo, gap_hi)], 1),
+                torch.cat([a_hi[:, :channels], torch.maximum(gap_lo, gap_hi)], 1))
+
     def to_dict(self) -> dict:
         """JSON-able description."""
         return {"variant": self.variant, "d": self.d, "eps": self.eps}

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..abstraction import Abstraction, ball, cell_index, cell_lower, check_eps, region_phi
+from ..abstraction import Abstraction, ball, check_eps
 from ..data import load_dataset
 from ..errors import UserError
 from ..owned import EXPORT, prepare_folder, report_kept, write_marker
@@ -77,12 +77,9 @@ ENCODING_TEXT = {
 
 
 def hull_box(x: torch.Tensor, abstraction: Abstraction, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Hull box (lower, upper) of the abstract network inputs reachable from the clipped eps-ball around x."""
-    lo, hi = ball(x, eps)
-    if abstraction.variant == "point":
-        return cell_lower(cell_index(lo, abstraction.d), abstraction.d), \
-            cell_lower(cell_index(hi, abstraction.d), abstraction.d)
-    return region_phi(lo, abstraction.d, abstraction.eps), region_phi(hi, abstraction.d, abstraction.eps)
+    """Hull box (lower, upper) of the abstract network inputs reachable from the clipped eps-ball around x: the
+    lower ends for the point variant (the hull ONNX computes the upper ends), both ends for the region variant."""
+    return abstraction.reachable_box(x, eps, "lower" if abstraction.variant == "point" else "ends")
 
 
 def pick_images(num_test: int, samples: int, seed: int) -> list[int]:

@@ -25,26 +25,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from abscert_bench.abstraction import VARIANTS, Abstraction, ball, check_granularity
+from abscert_bench.abstraction import VARIANTS, Abstraction, check_granularity
 from abscert_bench.errors import UserError
 from abscert_bench.sound.bounds import GapHullNetwork
 from abscert_bench.training.methods import METHODS, TrainingMethod
 from abscert_bench.training.reachable import default_granularity
 
 from .training import BoundTrainingMethod, CrownIBPMethod, _check_rest
-
-
-def hull_box(abstraction: Abstraction, x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The gap-form (point) or [L, U] (region) box of the abstract inputs reachable from the eps-ball of x."""
-    lo, hi = ball(x, eps)
-    a_lo, a_hi = abstraction(lo), abstraction(hi)
-    channels = x.shape[1]
-    if abstraction.variant == "region":
-        return a_lo, a_hi
-    gap_lo = a_lo[:, channels:] - a_lo[:, :channels]
-    gap_hi = a_hi[:, channels:] - a_hi[:, :channels]
-    return (torch.cat([a_lo[:, :channels], torch.minimum(gap_lo, gap_hi)], 1),
-            torch.cat([a_hi[:, :channels], torch.maximum(gap_lo, gap_hi)], 1))
 
 
 class HullBoundMixin:
@@ -77,7 +64,7 @@ class HullBoundMixin:
         return torch.cat([z[:, :channels], z[:, channels:] - z[:, :channels]], 1)
 
     def input_box(self, x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-        return hull_box(self._abstraction, x, eps)
+        return self._abstraction.reachable_box(x, eps, "gap" if self._abstraction.variant == "point" else "ends")
 
     def prepare(self, network: nn.Module, example: torch.Tensor) -> None:
         self._example_channels = example.shape[1] // 2  # example: N's input, 2C channels

@@ -101,6 +101,26 @@ def test_export_layout(benches, name):
     assert not [p for p in folder.parent.iterdir() if p.name.startswith(".")]  # no temp folders left
 
 
+@pytest.mark.parametrize("name", list(RUNS))
+def test_abcrown_config_lists_the_readable_instances(benches, name):
+    """abcrown.yaml is α,β-CROWN's YAML (root_path, csv_name, complete_verifier, input shape of the ONNX it reads);
+    its csv holds exactly the instances of the encodings auto_LiRPA can bound (no Floor: deployed is left out)."""
+    import yaml
+
+    folder, meta, _ = benches[name]
+    config = yaml.safe_load((folder / "abcrown.yaml").read_text())
+    assert config["general"] == {"root_path": ".", "csv_name": "instances-abcrown.csv", "complete_verifier": "bab"}
+    assert config["bab"]["timeout"] == 30
+    lines = (folder / config["general"]["csv_name"]).read_text().splitlines()
+    expected = [f"{i['onnx']},{i['vnnlib']},30" for i in meta["instances"] if i["encoding"] != "deployed"]
+    assert lines == expected and len(lines) == SAMPLES
+    onnx_file = (folder / lines[0].split(",")[0])
+    import onnx
+
+    dims = [d.dim_value for d in onnx.load(onnx_file).graph.input[0].type.tensor_type.shape.dim]
+    assert config["model"]["input_shape"] == [-1, *dims[1:]]
+
+
 def test_export_is_regenerated_from_seed(benches, vnn_runs, tmp_path):
     folder, meta, _ = benches["natural"]
     again = tmp_path / "again"

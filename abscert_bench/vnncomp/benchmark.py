@@ -112,6 +112,35 @@ def regeneration_command(run_dir: Path, out: Path, samples: int, seed: int, time
 
 
 GENERATOR = "generate_properties.py"
+ABCROWN_CONFIG, ABCROWN_CSV = "abcrown.yaml", "instances-abcrown.csv"
+# The encodings α,β-CROWN can bound (auto_LiRPA, which it is built on, has no Floor: the deployed encoding is left out).
+ABCROWN_ENCODINGS = ("standard", "hull")
+
+
+def abcrown_config(meta: dict[str, Any]) -> str:
+    """α,β-CROWN's YAML configuration for an exported folder: its complete verifier (branch and bound) over the
+    instances of the encodings it reads, listed in ABCROWN_CSV (same format as instances.csv)."""
+    shape = [-1, *(int(v) for v in meta["onnx_input_shapes"].get("hull", meta["onnx_input_shapes"].get(
+        "standard", [])))]
+    return f"""# α,β-CROWN configuration for this folder (written by abscert-bench export). With α,β-CROWN installed
+# (github.com/Verified-Intelligence/alpha-beta-CROWN), run from this folder:
+#     python PATH/TO/alpha-beta-CROWN/complete_verifier/abcrown.py --config {ABCROWN_CONFIG}
+# It verifies the instances of {ABCROWN_CSV}: the {' and '.join(e for e in ABCROWN_ENCODINGS if e in meta['encodings'])}
+# encoding(s) (not `deployed`: it uses Floor, which auto_LiRPA cannot bound). Each instance keeps the timeout of its
+# row ({meta['timeout']:g} s); `unsat` proves robustness, as for every verifier (see README.md).
+general:
+  root_path: .
+  csv_name: {ABCROWN_CSV}
+  complete_verifier: bab
+model:
+  input_shape: {shape}
+solver:
+  batch_size: 256
+bab:
+  timeout: {meta['timeout']:g}
+attack:
+  pgd_order: before
+"""
 
 
 def _compress(folder: Path) -> None:
@@ -182,7 +211,10 @@ robustness of the image; `sat` comes with a counterexample.
 - `vnnlib/`: VNN-LIB 1.0 properties.{' `vnnlib2/`: the same properties in VNN-LIB 2.0.' if meta['vnnlib2'] else ''}
 - `{METADATA}`: metadata (source run, abstraction, image index and label per instance, checks).
 - `{IMAGES}`: the exported images.{network_file}
-- `{GENERATOR}`: `python {GENERATOR} SEED [--images POOL.npz]` regenerates `vnnlib/` and `instances.csv`
+- `{ABCROWN_CONFIG}` and `{ABCROWN_CSV}`: α,β-CROWN's configuration and the instances it can read (every
+  encoding but `deployed`, whose Floor auto_LiRPA cannot bound): `python …/complete_verifier/abcrown.py --config
+  {ABCROWN_CONFIG}` from this folder (not run here: α,β-CROWN is not installable from PyPI).
+- `{GENERATOR}`: `python {GENERATOR} SEED [--images POOL.npz]` regenerates `vnnlib/`, `instances.csv` and `{ABCROWN_CSV}`
   (VNN-COMP's convention; numpy only). The seed picks {meta['samples']} images from the pool as `export --seed` picks
   test images; the default pool is `{IMAGES}`, so it reproduces this folder's files exactly.{gz_note}
 
@@ -265,6 +297,7 @@ def write_benchmark(trained: TrainedModel, images: torch.Tensor, labels: torch.T
         if gzip:
             _compress(tmp)
         write_json(tmp / METADATA, meta)
+        (tmp / ABCROWN_CONFIG).write_text(abcrown_config(meta))
         _write_readme(tmp, meta)
         write_marker(tmp, EXPORT, [p.name for p in tmp.iterdir()])
         kept = _prepare_target(out, force)
@@ -355,10 +388,13 @@ def _export_into(folder: Path, trained: TrainedModel, config: dict[str, Any], im
     elif not vnnlib2:
         checks["vnnlib2"] = "no VNN-LIB 2.0 files exported (use --vnnlib2)"
     (folder / "instances.csv").write_text("\n".join(csv_lines) + "\n")
+    abcrown_lines = [line for line, instance in zip(csv_lines, instances) if instance["encoding"] in ABCROWN_ENCODINGS]
+    (folder / ABCROWN_CSV).write_text("\n".join(abcrown_lines) + "\n")
     np.savez_compressed(folder / IMAGES, index=np.array(indices), label=labels.numpy(), x=images.numpy())
     return {
         "format": FORMAT, "dataset": config["dataset"], "method": config.get("method"), "eps": eps,
         "timeout": timeout, "vnnlib2": vnnlib2, "model_config": trained.model_config, "num_outputs": num_outputs,
         "abstraction": abstraction.to_dict() if abstraction else None, "encodings": list(encodings),
         "network_onnx": "onnx/network.onnx" if abstraction else None, "instances": instances, "checks": checks,
+        "onnx_input_shapes": {name: list(spec[2]) for name, spec in encodings.items()},
     }

@@ -166,3 +166,21 @@ def test_granularity_search_selects_by_sound_accuracy(tmp_path):
     assert rows[0].split(",") == ["d", "validation_paper_accuracy", "validation_sound_accuracy"]
     keys = {float(r.split(",")[0]): (float(r.split(",")[2]), float(r.split(",")[1])) for r in rows[1:]}
     assert trained.abstraction.d == max(keys, key=lambda d: (*keys[d], d))  # sound first, then the paper check
+
+
+@pytest.mark.parametrize("method", ["abscert-adv", "abscert-ibp"])
+def test_api_trains_and_verifies_the_deployed_classifier(method):
+    """Through the public API: any user module, a list of batches; the result is an AbsCert model abscert-sound
+    verifies (and the paper check applies to), like abscert's."""
+    import abscert_bench as ab
+    from abscert_bench.data import load_dataset
+
+    data = load_dataset("digits")
+    batches = [(data.train_x[i:i + 64], data.train_y[i:i + 64]) for i in range(0, 512, 64)]
+    module = nn.Sequential(nn.Flatten(), nn.Linear(2 * 64, 32), nn.ReLU(), nn.Linear(32, 10))
+    trained = ab.train(module, batches, method, eps=0.1, epochs=2, ramp_epochs=1, mix=1.0) if method == "abscert-adv" \
+        else ab.train(module, batches, method, eps=0.1, epochs=2, ramp_epochs=1)
+    assert trained.abstraction is not None and trained.abstraction.d == pytest.approx(0.2)
+    results = ab.verify(trained, data.test_x[:20], data.test_y[:20], 0.1, ["abscert-paper", "abscert-sound"])
+    assert {r.status for r in results["abscert-sound"]} <= {"verified", "falsified", "unknown"}
+    assert len(results["abscert-sound"]) == 20

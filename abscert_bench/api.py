@@ -106,8 +106,8 @@ def train(
 
     Images are raw [0, 1] tensors N×C×H×W. `method` is any name in `METHODS` ('abscert', 'ibp', 'crown-ibp',
     'natural', the reachable-input AbsCert variants 'abscert-adv', 'abscert-random', 'abscert-ibp',
-    'abscert-crown-ibp', or a plugin's); `eps` is the L∞ radius (AbsCert: of the abstraction; IBP / CROWN-IBP: the target of
-    the eps schedule). `settings` are `TrainConfig` fields (epochs, lr, warmup_epochs, ramp_epochs, kappa_end,
+    'abscert-crown-ibp', or a plugin's); `eps` is the L∞ radius (AbsCert: of the abstraction; IBP / CROWN-IBP: the
+    target of the eps schedule). `settings` are `TrainConfig` fields (epochs, lr, warmup_epochs, ramp_epochs, kappa_end,
     grad_norm, lr_schedule, lr_milestones, lr_decay, lr_warmup_epochs, lr_cycles, seed; defaults as for the CLI)
     plus the method's own options (AbsCert: d, variant; IBP: init, reg_weight, …). Optimiser: Adam, as the loop of
     `abscert-bench train`. `on_step(row)` is called after every optimiser step (epoch, step, loss, lr, eps),

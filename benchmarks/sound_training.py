@@ -19,7 +19,7 @@ from abscert_bench.harness.tables import best_bound_verifier, kind, load_rows, v
 
 
 def sound_error(row: dict) -> tuple[float | None, str]:
-    """(sound verified error, what measured it) of a row: abscert-sound for AbsCert-style rows, else the tightest bound."""
+    """(sound verified error, its verifier): abscert-sound for AbsCert-style rows, else the tightest bound."""
     if kind(row) == "abscert":
         return verified_error(row, "abscert-sound"), "abscert-sound"
     verifier = best_bound_verifier(row)
@@ -35,10 +35,10 @@ def stage_seconds(store: Path, cell: str) -> float:
 def report(store: Path) -> str:
     rows = [r for r in load_rows(store) if kind(r) in ("abscert", "baseline")]
     out = [f"# Sound training head-to-head (`{store}`)", "",
-           "Sound verified error: AbsCert-style rows by `abscert-sound` (the deployed classifier N(phi(·)) on the whole "
-           "clipped L∞ ball; unknown counts as not verified), baselines by their tightest sound bound (auto_LiRPA) on "
-           "the same images. Train s: the train stage's wall time (a granularity search included), final: the final "
-           "model's training alone. Figures from the store's result.json files.", ""]
+           "Sound verified error: AbsCert-style rows by `abscert-sound` (the deployed classifier N(phi(·)) on the "
+           "whole clipped L∞ ball; unknown counts as not verified), baselines by their tightest sound bound "
+           "(auto_LiRPA) on the same images. Train s: the train stage's wall time (a granularity search "
+           "included), final: the final model's training alone. Figures from the store's result.json files.", ""]
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
         groups.setdefault((row["dataset"], row["model"], float(row["eps"])), []).append(row)
@@ -64,14 +64,16 @@ def report(store: Path) -> str:
         ours = [s for s in scored if kind(s[2]) == "abscert"]
         if baselines and ours:
             base = min(baselines, key=lambda s: (s[0], s[1]))
-            best = min(ours, key=lambda s: (s[0], s[1]))
-            met = best[0] <= base[0] and best[1] <= base[1] / 2
+            meeting = [s for s in ours if s[0] <= base[0] and s[1] <= base[1] / 2]
+            best = min(meeting or ours, key=lambda s: (s[0], s[1]))  # the best method meeting both, else the best
+            met = bool(meeting)
             verdicts.append(
                 f"| {dataset} | {eps:g} | {best[2]['label']} | {100 * best[0]:.1f} | {best[1]:.0f} | "
                 f"{base[2]['label']} | {100 * base[0]:.1f} | {base[1]:.0f} | {base[1] / max(best[1], 1e-9):.1f} | "
                 f"{'met' if met else 'missed'} |")
     out += ["## Target: best AbsCert-style method vs best baseline", "",
-            "| dataset | eps | best AbsCert-style | sound err % | train s | best baseline | sound err % | train s | "
+            "| dataset | eps | AbsCert-style (best meeting the target, else best) | sound err % | train s | "
+            "best baseline | sound err % | train s | "
             "time ratio | target (err ≤ baseline, time ≤ ½) |",
             "|---|---|---|---|---|---|---|---|---|---|", *verdicts, ""]
     return "\n".join(out)

@@ -214,7 +214,8 @@ robustness of the image; `sat` comes with a counterexample.
 - `{ABCROWN_CONFIG}` and `{ABCROWN_CSV}`: α,β-CROWN's configuration and the instances it can read (every
   encoding but `deployed`, whose Floor auto_LiRPA cannot bound): `python …/complete_verifier/abcrown.py --config
   {ABCROWN_CONFIG}` from this folder (not run here: α,β-CROWN is not installable from PyPI).
-- `{GENERATOR}`: `python {GENERATOR} SEED [--images POOL.npz]` regenerates `vnnlib/`, `instances.csv` and `{ABCROWN_CSV}`
+- `{GENERATOR}`: `python {GENERATOR} SEED [--images POOL.npz]` regenerates `vnnlib/`, `instances.csv` and
+  `{ABCROWN_CSV}`
   (VNN-COMP's convention; numpy only). The seed picks {meta['samples']} images from the pool as `export --seed` picks
   test images; the default pool is `{IMAGES}`, so it reproduces this folder's files exactly.{gz_note}
 

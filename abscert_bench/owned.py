@@ -87,7 +87,8 @@ RUN = Kind("run", "run directory", frozenset({
     "granularity_search_epochs.csv", "verify"}), _legacy_run)
 EXPORT = Kind("vnncomp-benchmark", "VNN-COMP benchmark folder", frozenset({
     "README.md", "instances.csv", "onnx", "vnnlib", "vnnlib2", "benchmark.json", "images.npz", "results.csv",
-    "results", "generate_properties.py"}), _legacy_format("benchmark.json", "abscert-bench-vnncomp/"))
+    "results", "generate_properties.py", "abcrown.yaml", "instances-abcrown.csv"}),
+    _legacy_format("benchmark.json", "abscert-bench-vnncomp/"))
 RESULTS = Kind("vnncomp-results", "vnncomp run results folder", frozenset(), _legacy_results)
 
 

@@ -93,10 +93,10 @@ def search_choices(
 ) -> tuple[dict[int, np.ndarray], np.ndarray, np.ndarray]:
     """The gradient-guided discrete search (module docstring), from the clean choice and `restarts` random starts.
 
-    Returns (hits, worst, margin): `hits` the misclassified choices keyed by position in `samples`; `worst`
-    (n × P) the lowest-margin choice seen per sample and `margin` its margin. With `stop_on_hit` a sample leaves
-    the search at its first misclassified candidate (the verifier's attack); without, every sample runs every step
-    of every start and `worst` is the lowest margin found (the adversarial training loss).
+    Returns (hits, worst, margin): `worst` (n × P) the lowest-margin choice seen per sample and `margin` its margin.
+    With `stop_on_hit` (the verifier's attack) a sample leaves the search at its first misclassified candidate,
+    recorded in `hits` keyed by position in `samples`; without (the adversarial training loss) every sample runs
+    every step of every start and `hits` stays empty.
     """
     n = len(samples)
     found: dict[int, np.ndarray] = {}
@@ -136,13 +136,11 @@ def search_choices(
             better = margin < worst_margin[active]
             worst[active[better]] = choice[better]
             worst_margin[active[better]] = margin[better]
-            hit = wrong.any(dim=0).cpu().numpy()
-            for j in np.flatnonzero(hit):
-                if int(active[j]) not in found:
-                    found[int(active[j])] = choice[j].copy() if stop_on_hit else \
-                        stacked[int(torch.nonzero(wrong[:, j])[0]), j].copy()
             if not stop_on_hit:
                 continue
+            hit = wrong.any(dim=0).cpu().numpy()
+            for j in np.flatnonzero(hit):
+                found[int(active[j])] = choice[j].copy()
             keep = ~hit
             if not keep.any():
                 break

@@ -199,6 +199,12 @@ def abscert(d: float | None = None, variant: str = "point", eps: float = 0.0, pr
     return AbsCertMethod(float(d), eps, variant, protocol, recipe, step)
 
 
+def reject_unknown_options(name: str, rest: dict[str, Any], valid: str) -> None:
+    """The UserError a method builder raises for options it does not take (`valid`: the ones it does)."""
+    if rest:
+        raise UserError(f"unknown {name} options: {', '.join(rest)}; valid: {valid}")
+
+
 def accepted_options(name: str, candidates: dict[str, Any]) -> dict[str, Any]:
     """The subset of `candidates` that method `name`'s builder takes (so callers never branch on names)."""
     import inspect

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from ..errors import UserError
 from ..sound.attack import abstract_batch, random_choices, search_choices
 from ..sound.choices import reachable_options
-from .methods import METHODS, AbsCertMethod, TrainingMethod
+from .methods import METHODS, AbsCertMethod, TrainingMethod, reject_unknown_options
 from .schedule import Schedule
 
 DEFAULT_D_WITHOUT_EPS = 0.2
@@ -117,16 +117,11 @@ class RandomReachableMethod(ReachableInputMethod):
         return random_choices(options, samples, np.random.default_rng(int(torch.randint(0, 2**31 - 1, (1,)))))
 
 
-def _check_rest(name: str, rest: dict[str, Any], valid: str) -> None:
-    if rest:
-        raise UserError(f"unknown {name} options: {', '.join(rest)}; valid: {valid}")
-
-
 @METHODS.register("abscert-adv")
 def abscert_adv(eps: float = 0.0, d: float | None = None, variant: str = "point", mix: float = 0.5,
                 attack_steps: int = 1, attack_restarts: int = 0, **rest: Any) -> TrainingMethod:
     """AbsCert trained on the worst reachable abstract input the discrete attack finds (mixed with the clean loss)."""
-    _check_rest("abscert-adv", rest, "d, variant, mix, attack_steps, attack_restarts")
+    reject_unknown_options("abscert-adv", rest, "d, variant, mix, attack_steps, attack_restarts")
     return AdversarialMethod(default_granularity(d, eps), eps, variant, mix, attack_steps, attack_restarts)
 
 
@@ -134,7 +129,7 @@ def abscert_adv(eps: float = 0.0, d: float | None = None, variant: str = "point"
 def abscert_random(eps: float = 0.0, d: float | None = None, variant: str = "point", mix: float = 0.5,
                    **rest: Any) -> TrainingMethod:
     """AbsCert trained on a uniformly sampled reachable abstract input (mixed with the clean loss)."""
-    _check_rest("abscert-random", rest, "d, variant, mix")
+    reject_unknown_options("abscert-random", rest, "d, variant, mix")
     return RandomReachableMethod(default_granularity(d, eps), eps, variant, mix)
 
 

@@ -25,13 +25,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from abscert_bench.abstraction import VARIANTS, Abstraction, check_granularity
-from abscert_bench.errors import UserError
+from abscert_bench.abstraction import Abstraction
 from abscert_bench.sound.bounds import GapHullNetwork
-from abscert_bench.training.methods import METHODS, TrainingMethod
+from abscert_bench.training.methods import METHODS, TrainingMethod, reject_unknown_options
 from abscert_bench.training.reachable import default_granularity
 
-from .training import BoundTrainingMethod, CrownIBPMethod, _check_rest
+from .training import BoundTrainingMethod, CrownIBPMethod
 
 
 class HullBoundMixin:
@@ -41,10 +40,9 @@ class HullBoundMixin:
     options: dict[str, Any]
 
     def setup_abstraction(self, d: float, eps: float, variant: str) -> None:
-        if variant not in VARIANTS:
-            raise UserError(f"unknown abscert variant {variant!r}; valid: {', '.join(VARIANTS)}")
-        self._abstraction = Abstraction(variant, check_granularity(d), eps)
+        self._abstraction = Abstraction(variant, float(d), eps)  # checks the variant and d (a UserError)
         self.options = {"d": float(d), "variant": variant, **self.options}
+        self._box_form = "gap" if variant == "point" else "ends"  # the coordinates abscert-sound bounds in
 
     def abstraction(self) -> Abstraction:
         return self._abstraction
@@ -57,14 +55,10 @@ class HullBoundMixin:
         return GapHullNetwork(network, channels, gap=self._abstraction.variant == "point"), "network."
 
     def bound_input(self, x: torch.Tensor) -> torch.Tensor:
-        z = self._abstraction(x)
-        if self._abstraction.variant == "region":
-            return z
-        channels = x.shape[1]
-        return torch.cat([z[:, :channels], z[:, channels:] - z[:, :channels]], 1)
+        return self._abstraction.reachable_box(x, 0.0, self._box_form)[0]  # phi(x) in those coordinates
 
     def input_box(self, x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._abstraction.reachable_box(x, eps, "gap" if self._abstraction.variant == "point" else "ends")
+        return self._abstraction.reachable_box(x, eps, self._box_form)
 
     def prepare(self, network: nn.Module, example: torch.Tensor) -> None:
         self._example_channels = example.shape[1] // 2  # example: N's input, 2C channels
@@ -87,7 +81,7 @@ def abscert_ibp(eps: float = 0.0, d: float | None = None, variant: str = "point"
                 reg_weight: float = 0.5, reg_tol: float = 0.5, loss_mix: str = "robust", loss_fusion: bool = False,
                 **rest: Any) -> TrainingMethod:
     """IBP training over the exact hull of AbsCert's reachable abstract inputs (d defaults to 2·eps)."""
-    _check_rest("abscert-ibp", rest, HULL_OPTIONS)
+    reject_unknown_options("abscert-ibp", rest, HULL_OPTIONS)
     method = HullIBPMethod("abscert-ibp", init, reg_weight, reg_tol, loss_mix, loss_fusion)
     method.setup_abstraction(default_granularity(d, eps), eps, variant)
     return method
@@ -98,7 +92,7 @@ def abscert_crown_ibp(eps: float = 0.0, d: float | None = None, variant: str = "
                       reg_weight: float = 0.5, reg_tol: float = 0.5, loss_mix: str = "robust",
                       loss_fusion: bool = True, **rest: Any) -> TrainingMethod:
     """CROWN-IBP training over the exact hull of AbsCert's reachable abstract inputs (d defaults to 2·eps)."""
-    _check_rest("abscert-crown-ibp", rest, HULL_OPTIONS)
+    reject_unknown_options("abscert-crown-ibp", rest, HULL_OPTIONS)
     method = HullCrownIBPMethod("abscert-crown-ibp", init, reg_weight, reg_tol, loss_mix, loss_fusion)
     method.setup_abstraction(default_granularity(d, eps), eps, variant)
     return method

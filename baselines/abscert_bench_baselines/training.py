@@ -32,7 +32,7 @@ from torch import nn
 from abscert_bench.abstraction import ball
 from abscert_bench.errors import UserError
 from abscert_bench.lirpa import build_bounded, margin_lower_bounds, relu_input_nodes, set_batchnorm_training
-from abscert_bench.training.methods import METHODS, TrainingMethod
+from abscert_bench.training.methods import METHODS, TrainingMethod, reject_unknown_options
 from abscert_bench.training.schedule import Schedule
 
 from .bounds import FusedLoss, worst_case_logits
@@ -212,10 +212,8 @@ class CrownIBPMethod(BoundTrainingMethod):
         return beta * crown_ibp + (1 - beta) * ibp
 
 
-def _check_rest(name: str, rest: dict[str, Any],
-                valid: str = "init, reg_weight, reg_tol, loss_mix, loss_fusion") -> None:
-    if rest:
-        raise UserError(f"unknown {name} options: {', '.join(rest)}; valid: {valid}")
+def _check_rest(name: str, rest: dict[str, Any]) -> None:
+    reject_unknown_options(name, rest, "init, reg_weight, reg_tol, loss_mix, loss_fusion")
 
 
 @METHODS.register("ibp")

@@ -110,6 +110,7 @@ def tiny_store(tmp_path_factory):
      "verify.options.crown.limit", "cascade = false"),
     ("timeout = 2.0", "timeout = 2.0\n[limits]\nverify_time_cap_s = -1", "limits.verify_time_cap_s",
      "out of range"),
+    ("timeout = 2.0", "timeout = 2.0\n[export]\nrun_back = 1", "export.run_back", "true or false"),
 ])
 def test_spec_errors_name_file_and_key(tmp_path, old, new, key, fragment):
     assert old in TINY
@@ -197,6 +198,33 @@ def test_suite_completes(tiny_store):
     assert (store / "cells" / "digits_fc3_eps0.1_abscert_s0" / "run" / "granularity_search.csv").exists()
     assert (store / "logs" / "digits_fc3_eps0.1_ibp_s0.log").read_text().count("status done") == 1
     assert not list((store / ".staging").iterdir())
+
+
+@pytest.mark.parametrize("run_back", [True, False])
+def test_exported_cells_carry_their_run_back(tmp_path, run_back):
+    """[export] writes cells/<id>/vnncomp/; with run_back (the default) `vnncomp run`'s results.csv lies beside it,
+    one row per instance, and the stage records the verdict counts."""
+    text = CHEAP.replace("eps = [0.05, 0.1, 0.2]", "eps = [0.1]") + "[export]\nsamples = 2\ntimeout = 20.0\n"
+    if not run_back:
+        text += "run_back = false\n"
+    spec = load_spec(write_spec(tmp_path, text))
+    report = run(spec, tmp_path / "store")
+    assert report.count("done") == 1, report.summary()
+    cell = tmp_path / "store" / "cells" / spec.cells[0].id
+    folder = cell / "vnncomp"
+    instances = (folder / "instances.csv").read_text().splitlines()
+    assert len(instances) == 2
+    stage = json.loads((cell / "result.json").read_text())["stages"]["export"]
+    if not run_back:
+        assert not (folder / "results.csv").exists() and "results" not in stage
+        return
+    import csv
+    with (folder / "results.csv").open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [(r["onnx_file"], r["vnnlib_file"]) for r in rows] == [tuple(i.split(",")[:2]) for i in instances]
+    assert sum(stage["results"].values()) == 2 and set(stage["results"]) <= {"sat", "unsat", "unknown", "timeout"}
+    for row in rows:  # every result file it names is inside the folder and says the same verdict
+        assert (folder / row["result_file"]).read_text().splitlines()[0] == row["result"]
 
 
 def test_rerun_skips_complete_and_repairs_partial(tiny_store, tmp_path):

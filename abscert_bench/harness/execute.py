@@ -14,6 +14,7 @@ import shutil
 import socket
 import time
 import traceback
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import replace
 from datetime import datetime, timezone
@@ -22,7 +23,7 @@ from typing import Any
 
 from ..errors import UserError
 from .lease import Lease, acquire, new_attempt_id, owner_info
-from .spec import VERIFIER_LIMIT, cell_method, training_key
+from .spec import EXPORT_DEFAULTS, VERIFIER_LIMIT, cell_method, training_key
 from .store import COMPLETE, Store, link_tree
 from .watchdog import CapExceeded, StageGuard
 
@@ -336,8 +337,9 @@ def verify_stages(params: dict[str, Any], run_dir: Path, dataset, result: dict[s
 
 def export_stage(params: dict[str, Any], run_dir: Path, staging: Path, result: dict[str, Any],
                  data_root: str | None, log: Callable[[str], None]) -> None:
-    """VNN-COMP export of the trained model into the cell's vnncomp/ folder."""
-    from ..vnncomp import export_benchmark
+    """VNN-COMP export of the trained model into the cell's vnncomp/ folder, then (`run_back`) `vnncomp run` on it,
+    so the folder carries our verdicts (results.csv, results/) for other verifiers to be compared with."""
+    from ..vnncomp import export_benchmark, run_benchmark
 
     if params.get("resize"):
         result["stages"]["export"] = {"status": "skipped", "seconds": 0.0,
@@ -348,6 +350,12 @@ def export_stage(params: dict[str, Any], run_dir: Path, staging: Path, result: d
     start = time.perf_counter()
     meta = export_benchmark(run_dir, staging / "vnncomp", samples=export["samples"], seed=export["seed"],
                             timeout=export["timeout"], data_root=data_root)
-    result["stages"]["export"] = {"status": "ok", "seconds": time.perf_counter() - start,
-                                  "instances": len(meta.get("instances", []))}
-    log(f"exported {result['stages']['export']['instances']} VNN-COMP instances")
+    stage: dict[str, Any] = {"status": "ok", "seconds": time.perf_counter() - start,
+                             "instances": len(meta.get("instances", []))}
+    log(f"exported {stage['instances']} VNN-COMP instances")
+    if export.get("run_back", EXPORT_DEFAULTS["run_back"]):
+        rows = run_benchmark(staging / "vnncomp")
+        stage["results"] = dict(Counter(row["result"] for row in rows))
+        stage["seconds"] = time.perf_counter() - start
+        log("vnncomp run: " + ", ".join(f"{k} {v}" for k, v in sorted(stage["results"].items())))
+    result["stages"]["export"] = stage

@@ -29,7 +29,8 @@ VERIFY_DEFAULTS: dict[str, Any] = {
     "verifiers": ["abscert-paper", "abscert-sound", "ibp", "crown", "alpha-crown"], "cascade": False,
     "timeout": 10.0, "limit": 100, "batch_size": 64, "options": {},
 }
-EXPORT_DEFAULTS: dict[str, Any] = {"samples": 5, "seed": 0, "timeout": 60.0}
+# run_back: solve the exported instances with `vnncomp run` (results.csv + results/ beside them) in the same stage
+EXPORT_DEFAULTS: dict[str, Any] = {"samples": 5, "seed": 0, "timeout": 60.0, "run_back": True}
 # time_cap_s caps every stage; train_time_cap_s / verify_time_cap_s, when given, replace it for that kind of stage.
 LIMIT_DEFAULTS: dict[str, Any] = {"time_cap_s": 0.0, "memory_cap_mb": 0.0, "train_time_cap_s": None,
                                   "verify_time_cap_s": None}
@@ -240,6 +241,8 @@ def parse_spec(data: dict[str, Any], source: str = "<spec>", text: str = "", def
         check.number(export["samples"], "export.samples", 1, integer=True)
         check.number(export["seed"], "export.seed", 0, integer=True)
         check.number(export["timeout"], "export.timeout", 0.0, lo_open=True)
+        if not isinstance(export["run_back"], bool):
+            raise check.fail("export.run_back", f"must be true or false, not {export['run_back']!r}")
     limits = {**LIMIT_DEFAULTS, **check.table(data.get("limits"), "limits", set(LIMIT_DEFAULTS))}
     for key, value in limits.items():
         if value is not None:

@@ -69,19 +69,23 @@ rm -f results/hull-forms/records.json
 
 # Abstraction training that survives sound verification (issue 14): AbsCert, abscert-adv, abscert-random,
 # abscert-ibp, abscert-crown-ibp vs IBP / CROWN-IBP (Shi et al. recipe) on MNIST and digits, DM_Small, eps 0.1 / 0.3,
-# abscert-sound on every test image; then the headline table and target verdict. (specs/sound-training-fashion.toml
-# is the same on Fashion-MNIST; not run for the committed figures.)
-$B run specs/sound-training.toml --workers 2 --out results/sound-training $F || true
-rm -rf results/sound-training/partial
-$B slim results/sound-training --max-mb 3
-.venv/bin/python benchmarks/sound_training.py results/sound-training --out results/sound-training/headline.md
+# abscert-sound on every test image; then the headline table and target verdict; the same on Fashion-MNIST.
+for suite in sound-training sound-training-fashion; do
+  $B run specs/$suite.toml --workers 2 --out results/$suite $F || true
+  rm -rf results/$suite/partial
+  $B slim results/$suite --max-mb 3
+  .venv/bin/python benchmarks/sound_training.py results/$suite --out results/$suite/headline.md
+done
 
 # Training speed ratios (one interleaved run; quiet machine).
 $B bench --dataset mnist --epochs 5 > results/speed_benchmark.md
 
-# Not committed in this version (run them for the figures): the equal-budget comparison and the quick suite,
+# Not committed in this version (run it for the figures): the equal-budget comparison,
 #   $B run specs/mnist-budget.toml --workers 2 --out results/mnist-budget
-#   $B run specs/quick.toml --workers 2 --out results/quick
+
+# The quick suite (digits): each cell exported to cells/<id>/vnncomp/ with its `vnncomp run` results ([export]
+# run_back, the default); `make crosscheck` reads these folders too (issue 13).
+$B run specs/quick.toml --workers 1 --out results/quick $F
 
 # VNN-COMP folders of the mnist store's FC3 eps 0.1 models, their run-back, and the external crosscheck
 # (Marabou + onnx2pytorch on these folders and on digits folders the test makes; issue 13).

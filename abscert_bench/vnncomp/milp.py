@@ -6,10 +6,11 @@ all ReLU outputs in graph order (skip connections and the hull network's `1 - re
 Their coefficients are found by running the graph in float64 on the basis vectors, and checked to be affine on
 random points (a graph with Floor, Sigmoid, Max, … is refused: `None`).
 
-`decide` then solves, per disjunct of the output condition, min t s.t. A·y - b <= t over the input box with the
-standard big-M encoding of each ReLU whose interval bounds straddle 0 (a = max(z, 0) exactly: a >= z, a >= 0,
-a <= u·δ, a <= z - l·(1 - δ), δ binary). `unsat` when every disjunct's proven lower bound on t (HiGHS's dual bound,
-valid also when the time limit stops the search) exceeds `UNSAT_MARGIN`; `sat` only when a solution's input,
+`decide` then solves, per disjunct of the output condition, min t s.t. A·y - b <= t, t <= UNSAT_MARGIN over the
+input box with the standard big-M encoding of each ReLU whose interval bounds straddle 0 (a = max(z, 0) exactly:
+a >= z, a >= 0, a <= u·δ, a <= z - l·(1 - δ), δ binary). `unsat` when HiGHS proves every disjunct's program
+infeasible (no point with t <= `UNSAT_MARGIN`; the bound on t lets it prune every node whose relaxation is above the
+margin instead of closing the optimality gap); `sat` only when a solution's input,
 run through the real (float32) network, satisfies the property; else `unknown`. The margin absorbs the solver's
 feasibility tolerances (1e-6 by default in HiGHS) and the float64 extraction error of the coefficients; a property
 that holds with a margin below it is left `unknown`, never guessed.
@@ -28,6 +29,7 @@ import torch
 from .onnx_loader import OnnxModule
 from .vnnlib import VnnlibProperty
 
+MILP_INFEASIBLE = 2  # scipy.optimize.milp's status for a problem proven infeasible
 UNSAT_MARGIN = 1e-4  # a disjunct is refuted only when its proven min of max_i(A_i·y - b_i) exceeds this
 AFFINE_TOLERANCE = 1e-6  # relative error allowed when checking that the graph is affine between ReLUs
 MAX_VARIABLES = 20_000  # inputs + ReLU neurons above which the program is not built (too big to be useful)
@@ -277,7 +279,9 @@ def decide(form: PiecewiseLinear, prop: VnnlibProperty, model: torch.nn.Module, 
             add([(pixel, 1.0), (n_v + n_d + j, -(upper[pixel] - lower[pixel]))], None, lower[pixel], lower[pixel])
     base = csr_matrix((vals, (rows, cols)), shape=(len(lb), n)) if lb else None
     bounds_lo = np.concatenate([v_lo, np.zeros(n_d + n_corner), [-np.inf]])
-    bounds_hi = np.concatenate([v_hi, np.ones(n_d + n_corner), [np.inf]])
+    # t <= UNSAT_MARGIN: every branch-and-bound node whose relaxation has min t above the margin is infeasible and
+    # pruned at once (with t free, HiGHS must close the whole gap before it may stop); infeasible = refuted
+    bounds_hi = np.concatenate([v_hi, np.ones(n_d + n_corner), [UNSAT_MARGIN]])
     integrality = np.concatenate([np.zeros(n_v), np.ones(n_d + n_corner), [0]])
     objective = np.zeros(n)
     objective[-1] = 1.0
@@ -296,9 +300,11 @@ def decide(form: PiecewiseLinear, prop: VnnlibProperty, model: torch.nn.Module, 
         with _quiet_stdout():  # HiGHS prints solver chatter on the C-level stdout
             result = milp(objective, integrality=integrality, bounds=Bounds(bounds_lo, bounds_hi),
                           constraints=LinearConstraint(matrix, c_lo, c_hi), options={"time_limit": max(left, 0.01)})
+        if result.status == MILP_INFEASIBLE:
+            continue  # no point of the box has t <= UNSAT_MARGIN: this disjunct cannot be met anywhere in it
         dual = getattr(result, "mip_dual_bound", None)
         if dual is not None and np.isfinite(dual) and dual > UNSAT_MARGIN:
-            continue  # this disjunct cannot be met anywhere in the box
+            continue
         refuted = False
         if result.x is not None and result.fun is not None and result.fun <= 0:
             x = result.x[:form.n_inputs]

@@ -23,8 +23,11 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 EPS = 0.1
 SAMPLES = 3
 TIMEOUT = 60.0
-COMMITTED = Path(__file__).resolve().parents[2] / "results" / "vnncomp"  # its folders are crosschecked too
-COMMITTED_MARABOU_S = 15  # Marabou's time per committed (MNIST) instance: loading and agreement are what count
+ROOT = Path(__file__).resolve().parents[2]
+# the committed folders are crosschecked too: source → glob of their instances.csv under the repository
+COMMITTED = {"results/vnncomp": "results/vnncomp/*/instances.csv",
+             "results/quick": "results/quick/cells/*/vnncomp/instances.csv"}
+COMMITTED_MARABOU_S = {"results/vnncomp": 15.0}  # Marabou's time cap per MNIST instance: loading and agreement count
 # name → (training method, method options): a standard (IBP-trained) network, AbsCert with d dividing 1 (upper
 # ends folded into the first layer) and with d not dividing 1 (the Relu form), the region variant
 RUNS = {
@@ -52,11 +55,11 @@ def folders(tmp_path_factory, digits):
         rows = run_benchmark(folder, use_sound_verifier=True)
         out[name] = (folder, {(r["onnx_file"], r["vnnlib_file"]): r for r in rows})
     # the committed folders, with the run-back results committed beside them (read, never rewritten here)
-    for folder in sorted(COMMITTED.glob("*/instances.csv")):
-        with (folder.parent / "results.csv").open(newline="") as handle:
-            rows = list(csv.DictReader(handle))
-        out[f"results/vnncomp/{folder.parent.name}"] = (folder.parent, {(r["onnx_file"], r["vnnlib_file"]): r
-                                                                         for r in rows})
+    for pattern in COMMITTED.values():
+        for csv_path in sorted(ROOT.glob(pattern)):
+            with (csv_path.parent / "results.csv").open(newline="") as handle:
+                rows = {(r["onnx_file"], r["vnnlib_file"]): r for r in csv.DictReader(handle)}
+            out[csv_path.parent.relative_to(ROOT).as_posix()] = (csv_path.parent, rows)
     return out
 
 
@@ -64,6 +67,11 @@ def _instances(folder):
     for line in (folder / "instances.csv").read_text().splitlines():
         onnx_rel, vnn_rel, timeout = line.split(",")
         yield onnx_rel, vnn_rel, float(timeout)
+
+
+def _source(name):
+    """Where a folder came from: a key of COMMITTED, or "digits" for the folders this module exports."""
+    return next((source for source in COMMITTED if name.startswith(source + "/")), "digits")
 
 
 def _encoding(onnx_rel):
@@ -111,8 +119,7 @@ def test_marabou_loads_and_agrees(folders):
                                 "seconds": 0.0, "error": error})
                 continue
             start = time.perf_counter()
-            if name.startswith("results/"):
-                timeout = min(timeout, COMMITTED_MARABOU_S)
+            timeout = min(timeout, COMMITTED_MARABOU_S.get(_source(name), timeout))
             loaded, verdict, witness, error = _marabou_solve(folder / onnx_rel, folder / vnn_rel, timeout)
             elapsed = time.perf_counter() - start
             confirmed = None
@@ -186,13 +193,14 @@ def _write_report():
     lines = ["# Crosscheck (tests/crosscheck): Marabou and onnx2pytorch on exported folders", "",
              f"digits: folders {', '.join(RUNS)} made by the test ({SAMPLES} images each, eps {EPS}, timeout "
              f"{TIMEOUT:g} s); results/vnncomp: the committed MNIST folders (Marabou gets at most "
-             f"{COMMITTED_MARABOU_S} s per instance there).", "",
+             f"{COMMITTED_MARABOU_S['results/vnncomp']:g} s per instance there); results/quick: the exported folders "
+             "of the committed quick store's cells (digits, each instance's own timeout).", "",
              "| data | encoding | instances | loaded in Marabou | decided by Marabou | agreeing with vnncomp run "
              "| both decided | ONNX files | loaded in onnx2pytorch | max abs diff to onnxruntime |",
              "|---|---|---|---|---|---|---|---|---|---|"]
-    for source in ("digits", "results/vnncomp"):
+    for source in ("digits", *COMMITTED):
         def mine(r, source=source):
-            return r["folder"].startswith("results/") == (source == "results/vnncomp")
+            return _source(r["folder"]) == source
 
         for encoding in ("standard", "hull", "deployed", "network"):
             m = [r for r in mar if r["encoding"] == encoding and mine(r)]

@@ -29,6 +29,7 @@ import torch
 from .onnx_loader import OnnxModule
 from .vnnlib import VnnlibProperty
 
+LP_SHARE = 0.3  # at most this share of an instance's MILP time goes to LP bound tightening
 MILP_INFEASIBLE = 2  # scipy.optimize.milp's status for a problem proven infeasible
 UNSAT_MARGIN = 1e-4  # a disjunct is refuted only when its proven min of max_i(A_i·y - b_i) exceeds this
 AFFINE_TOLERANCE = 1e-6  # relative error allowed when checking that the graph is affine between ReLUs
@@ -194,6 +195,72 @@ def interval_bounds(form: PiecewiseLinear, lower: np.ndarray, upper: np.ndarray,
     return pre, v_lo, v_hi
 
 
+def lp_tighten(form: PiecewiseLinear, lower: np.ndarray, upper: np.ndarray, pre: list, deadline: float):
+    """Tighter ReLU input bounds by linear programming (the LP relaxation of every earlier layer: exact for stable
+    ReLUs, the triangle for unstable ones), layer by layer, for each neuron whose bounds straddle 0; later layers
+    then propagate from the tightened ones. Each bound is an LP optimum widened by a safety slack (HiGHS's
+    tolerances), so it stays sound; an LP that fails keeps the bound it had. Stops at `deadline` (perf_counter).
+    Returns (pre, v_lo, v_hi) as `interval_bounds` does. Fewer unstable ReLUs = fewer binaries, and tighter big-M
+    constants for the rest."""
+    from scipy.optimize import linprog
+    from scipy.sparse import csr_matrix
+
+    pre, v_lo, v_hi = interval_bounds(form, lower, upper, pre)
+    pre = [(lo.copy(), hi.copy()) for lo, hi in pre]
+    for k, (w, b) in enumerate(form.layers):
+        lo_k, hi_k = pre[k]
+        open_rows = np.flatnonzero((lo_k < 0) & (hi_k > 0))
+        n = w.shape[1]  # the variables layer k reads: x and every earlier ReLU output
+        if len(open_rows) and k > 0:
+            rows, cols, vals, ub, eq_rows, eq_cols, eq_vals, eq_b = [], [], [], [], [], [], [], []
+            start = form.n_inputs
+            for j in range(k):
+                wj, bj = form.layers[j]
+                lo, hi = pre[j]
+                for i in range(len(bj)):
+                    a = start + i
+                    nz = np.flatnonzero(wj[i])
+                    if hi[i] <= 0:
+                        continue  # a = 0 by its bounds
+                    if lo[i] >= 0:  # a = z
+                        eq_rows += [len(eq_b)] * (len(nz) + 1)
+                        eq_cols += nz.tolist() + [a]
+                        eq_vals += (-wj[i][nz]).tolist() + [1.0]
+                        eq_b.append(bj[i])
+                        continue
+                    r = len(ub)  # z - a <= 0
+                    rows += [r] * (len(nz) + 1)
+                    cols += nz.tolist() + [a]
+                    vals += wj[i][nz].tolist() + [-1.0]
+                    ub.append(-bj[i])
+                    slope = hi[i] / (hi[i] - lo[i])  # a <= slope·(z - l)
+                    rows += [r + 1] * (len(nz) + 1)
+                    cols += nz.tolist() + [a]
+                    vals += (-slope * wj[i][nz]).tolist() + [1.0]
+                    ub.append(slope * (bj[i] - lo[i]))
+                start += len(bj)
+            a_ub = csr_matrix((vals, (rows, cols)), shape=(len(ub), n)) if ub else None
+            a_eq = csr_matrix((eq_vals, (eq_rows, eq_cols)), shape=(len(eq_b), n)) if eq_b else None
+            var_bounds = np.stack([v_lo[:n], v_hi[:n]], axis=1)
+            for i in open_rows:
+                for sign in (1.0, -1.0):  # min z (sign 1), max z (sign -1)
+                    if time.perf_counter() > deadline:
+                        return interval_bounds(form, lower, upper, pre)
+                    result = linprog(sign * w[i], A_ub=a_ub, b_ub=ub or None, A_eq=a_eq, b_eq=eq_b or None,
+                                     bounds=var_bounds, method="highs")
+                    if result.status != 0:
+                        continue
+                    value = sign * result.fun + b[i]
+                    slack = 1e-6 * (1 + abs(value))
+                    if sign > 0:
+                        lo_k[i] = max(lo_k[i], value - slack)
+                    else:
+                        hi_k[i] = min(hi_k[i], value + slack)
+            pre, v_lo, v_hi = interval_bounds(form, lower, upper, pre)
+            pre = [(lo.copy(), hi.copy()) for lo, hi in pre]
+    return pre, v_lo, v_hi
+
+
 @contextmanager
 def _quiet_stdout():
     """Silence file descriptor 1 (C extensions write there, past sys.stdout) for the duration."""
@@ -229,6 +296,7 @@ def decide(form: PiecewiseLinear, prop: VnnlibProperty, model: torch.nn.Module, 
     a_all, b_all, owner = prop.rows()
     crown_pre, row_lower = crown_bounds(form, lower, upper, a_all)
     pre, v_lo, v_hi = interval_bounds(form, lower, upper, crown_pre)  # per neuron the tighter of IBP and CROWN
+    pre, v_lo, v_hi = lp_tighten(form, lower, upper, pre, start + LP_SHARE * time_limit)
     done = set()  # disjuncts CROWN already refutes: a row whose lower bound exceeds its b + margin
     if row_lower is not None:
         done = {d for i, d in enumerate(owner) if row_lower[i] - b_all[i] > UNSAT_MARGIN}

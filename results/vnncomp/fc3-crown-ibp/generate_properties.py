@@ -1,6 +1,6 @@
 """generate_properties.py of an exported benchmark folder (copied there by `abscert-bench export`).
 
-Regenerates the folder's vnnlib/ and instances.csv, VNN-COMP's benchmark convention:
+Regenerates the folder's vnnlib/ and instances.csv (and instances-abcrown.csv), VNN-COMP's benchmark convention:
 
     python generate_properties.py SEED [--images POOL.npz]
 
@@ -126,6 +126,9 @@ def main(argv=None):
             instances.append({"onnx": onnx_of[encoding], "vnnlib": vnn_rel, "vnnlib2": None, "timeout": timeout,
                               "encoding": encoding, "index": int(i), "label": int(y), "position": position})
     (FOLDER / "instances.csv").write_text("\n".join(lines) + "\n")
+    if (FOLDER / "instances-abcrown.csv").exists():  # alpha-beta-CROWN's instances: every encoding but deployed
+        readable = [line for line, inst in zip(lines, instances) if inst["encoding"] != "deployed"]
+        (FOLDER / "instances-abcrown.csv").write_text("\n".join(readable) + "\n")
     if not (np.array_equal(index, own["index"]) and np.array_equal(x, own["x"])):
         np.savez_compressed(FOLDER / "images.npz", index=index, label=label, x=x)
         meta["instances"], meta["seed"] = instances, args.seed

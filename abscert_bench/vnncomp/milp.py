@@ -212,7 +212,14 @@ def lp_tighten(form: PiecewiseLinear, lower: np.ndarray, upper: np.ndarray, pre:
         open_rows = np.flatnonzero((lo_k < 0) & (hi_k > 0))
         n = w.shape[1]  # the variables layer k reads: x and every earlier ReLU output
         if len(open_rows) and k > 0:
-            rows, cols, vals, ub, eq_rows, eq_cols, eq_vals, eq_b = [], [], [], [], [], [], [], []
+            rows: list[int] = []
+            cols: list[int] = []
+            vals: list[float] = []
+            ub: list[float] = []
+            eq_rows: list[int] = []
+            eq_cols: list[int] = []
+            eq_vals: list[float] = []
+            eq_b: list[float] = []
             start = form.n_inputs
             for j in range(k):
                 wj, bj = form.layers[j]
@@ -242,7 +249,7 @@ def lp_tighten(form: PiecewiseLinear, lower: np.ndarray, upper: np.ndarray, pre:
             a_ub = csr_matrix((vals, (rows, cols)), shape=(len(ub), n)) if ub else None
             a_eq = csr_matrix((eq_vals, (eq_rows, eq_cols)), shape=(len(eq_b), n)) if eq_b else None
             var_bounds = np.stack([v_lo[:n], v_hi[:n]], axis=1)
-            for i in open_rows:
+            for i in open_rows.tolist():
                 for sign in (1.0, -1.0):  # min z (sign 1), max z (sign -1)
                     if time.perf_counter() > deadline:
                         return interval_bounds(form, lower, upper, pre)

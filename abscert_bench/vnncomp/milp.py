@@ -195,6 +195,37 @@ def interval_bounds(form: PiecewiseLinear, lower: np.ndarray, upper: np.ndarray,
     return pre, v_lo, v_hi
 
 
+class SparseRows:
+    """Linear constraints lo <= row·v <= hi collected row by row (COO triples), for scipy's solvers."""
+
+    def __init__(self) -> None:
+        self.rows: list[int] = []
+        self.cols: list[int] = []
+        self.vals: list[float] = []
+        self.lo: list[float] = []
+        self.hi: list[float] = []
+
+    def add(self, entries: list[tuple[int, float]], dense: np.ndarray | None, lo: float, hi: float) -> None:
+        """One row: the sparse `entries` (column, value) plus the dense coefficients `dense` over columns 0…"""
+        r = len(self.lo)
+        if dense is not None:
+            nz = np.flatnonzero(dense)
+            self.rows.extend([r] * len(nz))
+            self.cols.extend(nz.tolist())
+            self.vals.extend(dense[nz].tolist())
+        for c, value in entries:
+            self.rows.append(r)
+            self.cols.append(c)
+            self.vals.append(value)
+        self.lo.append(lo)
+        self.hi.append(hi)
+
+    def matrix(self, n_columns: int):
+        from scipy.sparse import csr_matrix
+
+        return csr_matrix((self.vals, (self.rows, self.cols)), shape=(len(self.lo), n_columns)) if self.lo else None
+
+
 def lp_tighten(form: PiecewiseLinear, lower: np.ndarray, upper: np.ndarray, pre: list, deadline: float):
     """Tighter ReLU input bounds by linear programming (the LP relaxation of every earlier layer: exact for stable
     ReLUs, the triangle for unstable ones), layer by layer, for each neuron whose bounds straddle 0; later layers
@@ -203,58 +234,24 @@ def lp_tighten(form: PiecewiseLinear, lower: np.ndarray, upper: np.ndarray, pre:
     Returns (pre, v_lo, v_hi) as `interval_bounds` does. Fewer unstable ReLUs = fewer binaries, and tighter big-M
     constants for the rest."""
     from scipy.optimize import linprog
-    from scipy.sparse import csr_matrix
 
     pre, v_lo, v_hi = interval_bounds(form, lower, upper, pre)
     pre = [(lo.copy(), hi.copy()) for lo, hi in pre]
+    below, equal = SparseRows(), SparseRows()  # the relaxation of the layers before k: row·v <= hi, row·v = hi
+    offset = form.n_inputs
     for k, (w, b) in enumerate(form.layers):
         lo_k, hi_k = pre[k]
-        open_rows = np.flatnonzero((lo_k < 0) & (hi_k > 0))
         n = w.shape[1]  # the variables layer k reads: x and every earlier ReLU output
-        if len(open_rows) and k > 0:
-            rows: list[int] = []
-            cols: list[int] = []
-            vals: list[float] = []
-            ub: list[float] = []
-            eq_rows: list[int] = []
-            eq_cols: list[int] = []
-            eq_vals: list[float] = []
-            eq_b: list[float] = []
-            start = form.n_inputs
-            for j in range(k):
-                wj, bj = form.layers[j]
-                lo, hi = pre[j]
-                for i in range(len(bj)):
-                    a = start + i
-                    nz = np.flatnonzero(wj[i])
-                    if hi[i] <= 0:
-                        continue  # a = 0 by its bounds
-                    if lo[i] >= 0:  # a = z
-                        eq_rows += [len(eq_b)] * (len(nz) + 1)
-                        eq_cols += nz.tolist() + [a]
-                        eq_vals += (-wj[i][nz]).tolist() + [1.0]
-                        eq_b.append(bj[i])
-                        continue
-                    r = len(ub)  # z - a <= 0
-                    rows += [r] * (len(nz) + 1)
-                    cols += nz.tolist() + [a]
-                    vals += wj[i][nz].tolist() + [-1.0]
-                    ub.append(-bj[i])
-                    slope = hi[i] / (hi[i] - lo[i])  # a <= slope·(z - l)
-                    rows += [r + 1] * (len(nz) + 1)
-                    cols += nz.tolist() + [a]
-                    vals += (-slope * wj[i][nz]).tolist() + [1.0]
-                    ub.append(slope * (bj[i] - lo[i]))
-                start += len(bj)
-            a_ub = csr_matrix((vals, (rows, cols)), shape=(len(ub), n)) if ub else None
-            a_eq = csr_matrix((eq_vals, (eq_rows, eq_cols)), shape=(len(eq_b), n)) if eq_b else None
+        open_rows = np.flatnonzero((lo_k < 0) & (hi_k > 0) & (k > 0))  # layer 0's intervals are exact already
+        if len(open_rows):
+            a_ub, a_eq = below.matrix(n), equal.matrix(n)
             var_bounds = np.stack([v_lo[:n], v_hi[:n]], axis=1)
             for i in open_rows.tolist():
                 for sign in (1.0, -1.0):  # min z (sign 1), max z (sign -1)
                     if time.perf_counter() > deadline:
                         return interval_bounds(form, lower, upper, pre)
-                    result = linprog(sign * w[i], A_ub=a_ub, b_ub=ub or None, A_eq=a_eq, b_eq=eq_b or None,
-                                     bounds=var_bounds, method="highs")
+                    result = linprog(sign * w[i], A_ub=a_ub, b_ub=below.hi or None, A_eq=a_eq,
+                                     b_eq=equal.hi or None, bounds=var_bounds, method="highs")
                     if result.status != 0:
                         continue
                     value = sign * result.fun + b[i]
@@ -263,8 +260,20 @@ def lp_tighten(form: PiecewiseLinear, lower: np.ndarray, upper: np.ndarray, pre:
                         lo_k[i] = max(lo_k[i], value - slack)
                     else:
                         hi_k[i] = min(hi_k[i], value + slack)
-            pre, v_lo, v_hi = interval_bounds(form, lower, upper, pre)
+            pre, v_lo, v_hi = interval_bounds(form, lower, upper, pre)  # later layers from the tightened bounds
             pre = [(lo.copy(), hi.copy()) for lo, hi in pre]
+            lo_k, hi_k = pre[k]
+        for i in range(len(b)):  # layer k's final bounds join the relaxation the later layers are tightened over
+            a = offset + i
+            if hi_k[i] <= 0:
+                continue  # a = 0 by its bounds
+            if lo_k[i] >= 0:
+                equal.add([(a, 1.0)], -w[i], b[i], b[i])  # a - z = 0
+                continue
+            below.add([(a, -1.0)], w[i], -np.inf, -b[i])  # z - a <= 0
+            slope = hi_k[i] / (hi_k[i] - lo_k[i])  # a <= slope·(z - l)
+            below.add([(a, 1.0)], -slope * w[i], -np.inf, slope * (b[i] - lo_k[i]))
+        offset += len(b)
     return pre, v_lo, v_hi
 
 
@@ -296,7 +305,7 @@ def decide(form: PiecewiseLinear, prop: VnnlibProperty, model: torch.nn.Module, 
            binary_inputs: bool = False) -> MilpOutcome:
     """Decide the property over its input box; `binary_inputs`: only the box's corners count (hull witnesses)."""
     from scipy.optimize import Bounds, LinearConstraint, milp
-    from scipy.sparse import coo_matrix, csr_matrix, vstack
+    from scipy.sparse import coo_matrix, vstack
 
     start = time.perf_counter()
     lower, upper = prop.lower.astype(np.float64), prop.upper.astype(np.float64)
@@ -312,26 +321,8 @@ def decide(form: PiecewiseLinear, prop: VnnlibProperty, model: torch.nn.Module, 
     n_d = len(unstable)
     n_corner = int(np.sum(upper > lower)) if binary_inputs else 0
     n = n_v + n_d + n_corner + 1  # variables: v, δ, corner choices, t
-    rows: list[int] = []
-    cols: list[int] = []
-    vals: list[float] = []
-    lb: list[float] = []
-    ub: list[float] = []
-
-    def add(entries: list[tuple[int, float]], dense: tuple[np.ndarray, int] | None, lo: float, hi: float) -> None:
-        r = len(lb)
-        if dense is not None:
-            coefficients, offset = dense
-            nz = np.flatnonzero(coefficients)
-            rows.extend([r] * len(nz))
-            cols.extend((nz + offset).tolist())
-            vals.extend(coefficients[nz].tolist())
-        for c, value in entries:
-            rows.append(r)
-            cols.append(c)
-            vals.append(value)
-        lb.append(lo)
-        ub.append(hi)
+    constraints = SparseRows()
+    add = constraints.add
 
     delta_of = {key: n_v + j for j, key in enumerate(unstable)}
     offset = form.n_inputs
@@ -342,17 +333,17 @@ def decide(form: PiecewiseLinear, prop: VnnlibProperty, model: torch.nn.Module, 
             if hi[i] <= 0:  # inactive: a = 0 (its bounds are [0, 0])
                 continue
             if lo[i] >= 0:  # active: a = z
-                add([(a, -1.0)], (w[i], 0), -b[i], -b[i])
+                add([(a, -1.0)], w[i], -b[i], -b[i])
                 continue
             d = delta_of[(k, i)]
-            add([(a, -1.0)], (w[i], 0), -np.inf, -b[i])                       # z - a <= 0
+            add([(a, -1.0)], w[i], -np.inf, -b[i])                       # z - a <= 0
             add([(a, 1.0), (d, -hi[i])], None, -np.inf, 0.0)                   # a - u·δ <= 0
-            add([(a, 1.0), (d, -lo[i])], (-w[i], 0), -np.inf, b[i] - lo[i])  # a - z + l·δ <= -l
+            add([(a, 1.0), (d, -lo[i])], -w[i], -np.inf, b[i] - lo[i])  # a - z + l·δ <= -l
         offset += len(b)
     if binary_inputs:  # x_i = lower_i + (upper_i - lower_i)·c_i, c_i binary
         for j, pixel in enumerate(np.flatnonzero(upper > lower).tolist()):
             add([(pixel, 1.0), (n_v + n_d + j, -(upper[pixel] - lower[pixel]))], None, lower[pixel], lower[pixel])
-    base = csr_matrix((vals, (rows, cols)), shape=(len(lb), n)) if lb else None
+    base = constraints.matrix(n)
     bounds_lo = np.concatenate([v_lo, np.zeros(n_d + n_corner), [-np.inf]])
     # t <= UNSAT_MARGIN: every branch-and-bound node whose relaxation has min t above the margin is infeasible and
     # pruned at once (with t free, HiGHS must close the whole gap before it may stop); infeasible = refuted
@@ -370,8 +361,8 @@ def decide(form: PiecewiseLinear, prop: VnnlibProperty, model: torch.nn.Module, 
         coeff = a_rows @ form.out_w  # rows over v: A·y - b - t <= 0
         extra = coo_matrix(np.hstack([coeff, np.zeros((len(b_rows), n_d + n_corner)), -np.ones((len(b_rows), 1))]))
         matrix = extra if base is None else vstack([base, extra])
-        c_lo = np.concatenate([lb, np.full(len(b_rows), -np.inf)])
-        c_hi = np.concatenate([ub, b_rows - a_rows @ form.out_b])
+        c_lo = np.concatenate([constraints.lo, np.full(len(b_rows), -np.inf)])
+        c_hi = np.concatenate([constraints.hi, b_rows - a_rows @ form.out_b])
         with _quiet_stdout():  # HiGHS prints solver chatter on the C-level stdout
             result = milp(objective, integrality=integrality, bounds=Bounds(bounds_lo, bounds_hi),
                           constraints=LinearConstraint(matrix, c_lo, c_hi), options={"time_limit": max(left, 0.01)})
@@ -379,7 +370,7 @@ def decide(form: PiecewiseLinear, prop: VnnlibProperty, model: torch.nn.Module, 
             continue  # no point of the box has t <= UNSAT_MARGIN: this disjunct cannot be met anywhere in it
         dual = getattr(result, "mip_dual_bound", None)
         if dual is not None and np.isfinite(dual) and dual > UNSAT_MARGIN:
-            continue
+            continue  # the same proof, where HiGHS stopped before calling the program infeasible
         refuted = False
         if result.x is not None and result.fun is not None and result.fun <= 0:
             x = result.x[:form.n_inputs]

@@ -8,6 +8,13 @@ wraps a BoundedModule so every such pass first checks two limits and raises inst
   CUDA, the allocator's peak) while a bound runs and flags it once the growth since the call began passes
   the budget; the next layer boundary raises. A genuine allocation failure counts the same.
 
+Both limits also look one step ahead: before a node's backward step, `backward_step_mb` estimates the memory
+the step will allocate (the A matrix it returns, from the incoming A's shape and the node's weight; measured
+within ~12 % on the large steps of DM_Medium / DM_Large CROWN), and the guard refuses the step when it would
+take the growth past the budget, or, at the step speed learnt from the earlier large steps, end past the
+deadline. One CROWN step on DM_Large allocates up to ~3.5 GB and takes seconds, so without the look-ahead a
+budget or deadline was overshot by a whole step.
+
 `BatchPlanner` turns the measured peak growth per sample into batch sizes: it starts from one sample,
 learns how much memory one sample's bound takes, and never plans a batch whose estimate exceeds the budget;
 a call that still runs out is retried on halves, and a single sample that does not fit is reported to the
@@ -30,6 +37,8 @@ SAMPLE_EVERY_S = 0.005
 _CUDA_OPEN = [0]  # CUDA watches open now: only the outermost resets the allocator's peak
 HEADROOM = 1.25  # planned batch: estimate × HEADROOM must fit the budget
 DEFAULT_MEMORY_MB = 4096.0  # memory budget of one bound call (MiB), for every verifier that takes one
+LEARN_STEP_MB = 16.0  # backward steps estimated at this size or more teach (and are checked against) the step speed
+STEP_RATE_WEIGHT = 0.3  # weight of the newest step in the learnt speed (an exponential average)
 
 
 class BoundTimeout(Exception):
@@ -97,6 +106,12 @@ class MemoryWatch:
             return torch.cuda.max_memory_allocated(self.device) / 2**20 - self._base
         return _rss_mb() - self._base
 
+    def growth_now(self) -> float:
+        """The memory growth now (on CUDA the allocated memory, not the peak), read directly."""
+        if self.device.type == "cuda":
+            return torch.cuda.memory_allocated(self.device) / 2**20 - self._base
+        return _rss_mb() - self._base
+
     def _sample(self) -> None:
         while not self._stop.wait(SAMPLE_EVERY_S):
             self._note(self._growth())
@@ -139,15 +154,32 @@ class Limits:
 
     def __init__(self) -> None:
         self.active: list[tuple[float | None, MemoryWatch]] = []
+        self.s_per_mb: float | None = None  # learnt speed of large backward steps (seconds per estimated MiB)
 
-    def check(self) -> None:
+    def learn_step(self, step_mb: float, seconds: float) -> None:
+        """Learn the speed of one backward step (steps under LEARN_STEP_MB are dominated by overheads)."""
+        if step_mb >= LEARN_STEP_MB:
+            rate = seconds / step_mb
+            self.s_per_mb = rate if self.s_per_mb is None else (1 - STEP_RATE_WEIGHT) * self.s_per_mb \
+                + STEP_RATE_WEIGHT * rate
+
+    def check(self, step_mb: float = 0.0) -> None:
+        """Raise if a deadline has passed, a budget was passed, or the next step (`step_mb` of new memory, an
+        estimate made before the step allocates it) would take the growth past a budget or, at the learnt step
+        speed, end past a deadline."""
         now = time.perf_counter()
+        step_s = step_mb * self.s_per_mb if self.s_per_mb is not None and step_mb >= LEARN_STEP_MB else 0.0
         for deadline, watch in self.active:
             if deadline is not None and now > deadline:
                 raise BoundTimeout("bound deadline passed")
+            if deadline is not None and now + step_s > deadline:
+                raise BoundTimeout(f"the next backward step would take ~{step_s:.1f} s: past the deadline")
             watch.poll()
             if watch.exceeded:
                 raise OutOfMemoryBudget(f"bound memory passed {watch.budget_mb:.0f} MiB")
+            if step_mb > 0 and watch.budget_mb is not None and watch.growth_now() + step_mb > watch.budget_mb:
+                raise OutOfMemoryBudget(f"the next backward step needs ~{step_mb:.0f} MiB: past the "
+                                        f"{watch.budget_mb:.0f} MiB budget")
 
 
 def guarded(bounded) -> Limits:
@@ -160,18 +192,96 @@ def guarded(bounded) -> Limits:
     if limits is not None:
         return limits
     limits = Limits()
-    targets = [(bounded, name) for name in ("backward_general", "IBP_general", "forward_general")]
-    targets += [(node, "bound_backward") for node in bounded._modules.values() if hasattr(node, "bound_backward")]
-    for owner, name in targets:
-        original = getattr(owner, name)
-
-        def check_first(*args, _original=original, **kwargs):
-            limits.check()
-            return _original(*args, **kwargs)
-
-        object.__setattr__(owner, name, check_first)
+    for name in ("backward_general", "IBP_general", "forward_general"):
+        _check_before(bounded, name, limits, None)
+    for node in bounded._modules.values():
+        if hasattr(node, "bound_backward"):
+            _check_before(node, "bound_backward", limits, node)
     object.__setattr__(bounded, "_abscert_limits", limits)
     return limits
+
+
+def _check_before(owner, name: str, limits: Limits, node) -> None:
+    """Wrap `owner.name` so it checks `limits` first; for a node's backward step, with the step's memory estimate."""
+    original = getattr(owner, name)
+
+    def check_first(*args, **kwargs):
+        if node is None or len(args) < 2:
+            limits.check()
+            return original(*args, **kwargs)
+        step_mb = backward_step_mb(node, args[0], args[1])
+        limits.check(step_mb)
+        start = time.perf_counter()
+        result = original(*args, **kwargs)
+        limits.learn_step(step_mb, time.perf_counter() - start)
+        return result
+
+    object.__setattr__(owner, name, check_first)
+
+
+# Node types whose backward step only renames the A matrix (a view: no new memory).
+VIEW_NODES = frozenset({"BoundFlatten", "BoundReshape", "BoundUnsqueeze", "BoundSqueeze", "BoundInput",
+                        "BoundParams", "BoundBuffers"})
+# Node types whose backward step multiplies the A matrix by a weight (the input A is copied, the output is new).
+WEIGHT_NODES = frozenset({"BoundConv", "BoundLinear", "BoundMatMul"})
+
+# New memory of an elementwise step (ReLU relaxation, BatchNorm, Add) per input-A element, measured on DM_Medium /
+# DM_Large CROWN: dense A matrices make ~3.5 temporaries (clamps, products, bias terms), Patches about one.
+ELEMENTWISE, ELEMENTWISE_PATCHES = 3.5, 1.1
+
+
+def _spec_and_size(a) -> tuple[int, int]:
+    """(number of specifications × batch, numel held) of a backward-pass A: a tensor, Patches, eyeC or OneHotC."""
+    patches = getattr(a, "patches", None)
+    if isinstance(a, torch.Tensor):
+        return int(a.shape[0]) * int(a.shape[1]), a.numel()
+    if patches is not None:  # Patches: (out_c, batch, out_h, out_w, c, kh, kw) or (unstable, batch, c, kh, kw)
+        return math.prod(patches.shape[:-3]), patches.numel()
+    shape = getattr(a, "shape", None)
+    if shape is None or len(shape) < 2:
+        return 0, 0
+    spec = int(shape[0]) * int(shape[1])
+    if type(a).__name__ == "Patches":  # identity patches: (out_c, batch, out_h, out_w), nothing materialised
+        return math.prod(int(v) for v in shape[:4]), 0
+    return spec, 0  # eyeC / OneHotC: an implicit identity
+
+
+def _output_numel(node, a, spec: int, held: int) -> int:
+    """The numel of the A matrix `node`'s backward step produces from `a` (per side)."""
+    kind = type(node).__name__
+    if kind not in WEIGHT_NODES:  # elementwise (ReLU's relaxation): temporaries of the input's size
+        return math.ceil(held * (ELEMENTWISE_PATCHES if getattr(a, "patches", None) is not None else ELEMENTWISE))
+    inputs = getattr(node, "inputs", None) or []
+    shape = getattr(inputs[0], "output_shape", None) if inputs else None
+    if shape is None:
+        return held
+    dense = spec * math.prod(int(v) for v in shape[1:])  # a matrix over the whole input of the node
+    patches = getattr(a, "patches", None)
+    weight = getattr(inputs[1], "lower", None) if kind == "BoundConv" and len(inputs) > 1 else None
+    if type(a).__name__ == "Patches" and patches is None and weight is not None and weight.dim() == 4:
+        return spec * int(weight.shape[1]) * int(weight.shape[2]) * int(weight.shape[3])  # identity: the weight
+    if patches is not None and weight is not None and weight.dim() == 4 and len(shape) == 4:
+        stride = getattr(node, "stride", (1, 1))
+        kh = (int(patches.shape[-2]) - 1) * int(stride[0]) + int(weight.shape[2])
+        kw = (int(patches.shape[-1]) - 1) * int(stride[1]) + int(weight.shape[3])
+        if kw <= int(shape[-1]):  # the patches stay patches (auto_LiRPA turns them into a matrix once wider)
+            return spec * int(weight.shape[1]) * kh * kw
+    return dense
+
+
+def backward_step_mb(node, last_lA, last_uA) -> float:
+    """Estimate (MiB) of the new memory auto_LiRPA's backward step through `node` allocates: per side, the
+    output A (and, through a weight, a copy of the input A); float32. Views cost nothing."""
+    if node is None or type(node).__name__ in VIEW_NODES:
+        return 0.0
+    total = 0
+    for a in (last_lA, last_uA):
+        if a is None:
+            continue
+        spec, held = _spec_and_size(a)
+        out = _output_numel(node, a, spec, held)
+        total += out + (held if type(node).__name__ in WEIGHT_NODES else 0)
+    return total * 4 / 2**20
 
 
 @contextmanager

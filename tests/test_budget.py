@@ -57,6 +57,67 @@ def test_guard_stops_crown_past_the_deadline_and_the_budget():
     assert torch.equal(lower, again)
 
 
+def _allocated_mb(value, seen: set) -> float:
+    """MiB of the distinct storages of the tensors (and Patches) in a backward step's result."""
+    if isinstance(value, (list, tuple)):
+        return sum(_allocated_mb(v, seen) for v in value)
+    tensor = value if isinstance(value, torch.Tensor) else getattr(value, "patches", None)
+    if not isinstance(tensor, torch.Tensor) or tensor.untyped_storage().data_ptr() in seen:
+        return 0.0
+    seen.add(tensor.untyped_storage().data_ptr())
+    return tensor.untyped_storage().nbytes() / 2**20
+
+
+@pytest.mark.parametrize("model", ["dm_small", "fc3"])
+def test_backward_step_estimate_covers_what_each_step_allocates(model):
+    """The pre-step estimate is at least the memory of the A matrices each CROWN backward step returns (dense
+    matrices, Patches, identity Patches), so the guard can refuse a step before it allocates."""
+    from abscert_bench.lirpa import bounded_module, margin_lower_bounds
+    from abscert_bench.models import create_model
+
+    torch.manual_seed(0)
+    net = create_model(model, (1, 28, 28), 10).eval()
+    bounded = bounded_module(net, torch.zeros(1, 1, 28, 28))
+    steps: list[tuple[str, float, float]] = []
+    for node in bounded._modules.values():
+        if hasattr(node, "bound_backward"):
+            def probe(*args, _original=node.bound_backward, _node=node, **kwargs):
+                estimate = budget.backward_step_mb(_node, args[0], args[1])
+                result = _original(*args, **kwargs)
+                seen = {t.untyped_storage().data_ptr() for t in (list(args[:2]) + [p.lower for p in args[2:]
+                        if isinstance(getattr(p, "lower", None), torch.Tensor)]) if isinstance(t, torch.Tensor)}
+                seen |= {a.patches.untyped_storage().data_ptr() for a in args[:2]
+                         if getattr(a, "patches", None) is not None}
+                steps.append((type(_node).__name__, estimate, _allocated_mb(result[0], seen)))
+                return result
+            object.__setattr__(node, "bound_backward", probe)
+    x = torch.rand(1, 1, 28, 28)
+    margin_lower_bounds(bounded, (x - 0.1).clamp(0, 1), (x + 0.1).clamp(0, 1), torch.tensor([3]), 10, "crown")
+    assert len(steps) > 10 and sum(made for _, _, made in steps) > 1.0
+    for kind, estimate, made in steps:
+        assert estimate >= made - 1e-6, (kind, estimate, made)
+
+
+def test_guard_refuses_a_step_that_would_pass_the_budget(monkeypatch):
+    """A backward step whose estimate would take the growth past the budget stops before it runs."""
+    bounded, inputs = small_bounded()
+    monkeypatch.setattr(budget, "backward_step_mb", lambda node, la, ua: 0.0 if node is None else 10.0)
+    calls = []
+    for node in bounded._modules.values():  # count the steps that really run (inside the guard's check)
+        if type(node).__name__ == "BoundLinear":
+            inner = node.bound_backward
+            object.__setattr__(node, "bound_backward", lambda *a, _inner=inner, **k: calls.append(1) or _inner(*a, **k))
+    limits = guarded(bounded)
+    with limited(limits, budget_mb=1e6):  # the estimate fits: the bound runs
+        bounded.compute_bounds(x=inputs, method="CROWN")
+    assert calls
+    calls.clear()
+    with pytest.raises(OutOfMemoryBudget, match="next backward step"):
+        with limited(limits, budget_mb=5.0):
+            bounded.compute_bounds(x=inputs, method="CROWN")
+    assert not calls  # refused before the first step, not after it
+
+
 def test_nested_blocks_keep_the_outer_deadline():
     limits = Limits()
     with limited(limits, deadline=time.perf_counter() - 1.0):
@@ -191,3 +252,19 @@ def test_pre_pass_is_kept_only_while_it_pays():
     assert bounder.quick_useful()  # decides 5 %
     bounder.quick_off = True
     assert not bounder.quick_useful()
+
+
+def test_guard_refuses_a_step_that_would_end_past_the_deadline(monkeypatch):
+    """With a learnt step speed, a large step that would end past the deadline is refused before it runs."""
+    bounded, inputs = small_bounded()
+    limits = guarded(bounded)
+    monkeypatch.setattr(budget, "backward_step_mb", lambda node, la, ua: 0.0 if node is None else 100.0)
+    with limited(limits, deadline=time.perf_counter() + 60.0):
+        bounded.compute_bounds(x=inputs, method="CROWN")  # small real steps: the learnt speed is tiny
+    assert limits.s_per_mb is not None and limits.s_per_mb < 0.01
+    limits.learn_step(100.0, 100.0)  # a slow machine: now a 100 MiB step takes ~30 s (the average moved)
+    with pytest.raises(BoundTimeout, match="next backward step"):
+        with limited(limits, deadline=time.perf_counter() + 5.0):
+            bounded.compute_bounds(x=inputs, method="CROWN")
+    limits.learn_step(1.0, 1000.0)  # a small step says nothing about the speed
+    assert limits.s_per_mb < 1.0

@@ -194,6 +194,7 @@ def guarded(bounded) -> Limits:
     limits = Limits()
     for name in ("backward_general", "IBP_general", "forward_general"):
         _check_before(bounded, name, limits, None)
+    _drop_partial_matrices_on_stop(bounded)
     for node in bounded._modules.values():
         if hasattr(node, "bound_backward"):
             _check_before(node, "bound_backward", limits, node)
@@ -217,6 +218,23 @@ def _check_before(owner, name: str, limits: Limits, node) -> None:
         return result
 
     object.__setattr__(owner, name, check_first)
+
+
+def _drop_partial_matrices_on_stop(bounded) -> None:
+    """A backward pass stopped half-way (a limit, an allocation failure) leaves the A matrices it had reached on
+    the nodes (GBs on DM_Large): drop them, so the next call starts from the memory it would have had."""
+    original = bounded.backward_general
+
+    def backward_general(*args, **kwargs):
+        try:
+            return original(*args, **kwargs)
+        except BaseException:
+            for node in bounded._modules.values():
+                if getattr(node, "lA", None) is not None or getattr(node, "uA", None) is not None:
+                    node.lA = node.uA = None
+            raise
+
+    object.__setattr__(bounded, "backward_general", backward_general)
 
 
 # Node types whose backward step only renames the A matrix (a view: no new memory).

@@ -268,3 +268,23 @@ def test_guard_refuses_a_step_that_would_end_past_the_deadline(monkeypatch):
             bounded.compute_bounds(x=inputs, method="CROWN")
     limits.learn_step(1.0, 1000.0)  # a small step says nothing about the speed
     assert limits.s_per_mb < 1.0
+
+
+def test_a_stopped_pass_leaves_no_matrices_behind(monkeypatch):
+    """A backward pass refused half-way drops the A matrices it had reached (they would inflate the next call's
+    starting memory by GBs on DM_Large)."""
+    bounded, inputs = small_bounded()
+    ran = []
+    for node in bounded._modules.values():
+        if type(node).__name__ == "BoundLinear":
+            inner = node.bound_backward
+            object.__setattr__(node, "bound_backward", lambda *a, _inner=inner, **k: ran.append(1) or _inner(*a, **k))
+    limits = guarded(bounded)
+    monkeypatch.setattr(budget, "backward_step_mb",
+                        lambda node, la, ua: 10.0 if type(node).__name__ == "BoundRelu" else 0.0)
+    with pytest.raises(OutOfMemoryBudget):
+        with limited(limits, budget_mb=5.0):
+            bounded.compute_bounds(x=inputs, method="CROWN")
+    assert ran  # the pass had started: a Linear step ran and handed its A to the ReLU before the refusal
+    assert all(getattr(node, "lA", None) is None and getattr(node, "uA", None) is None
+               for node in bounded._modules.values())

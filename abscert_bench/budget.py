@@ -78,7 +78,19 @@ def within_budget(fn: Callable[[], T]) -> T | BaseException:
     except Exception as error:  # noqa: BLE001 - only time and memory limits are answers
         if not out_of_budget(error):
             raise
-        return error
+        return _without_frames(error)
+
+
+def _without_frames(error: BaseException) -> BaseException:
+    """The error without its tracebacks (its own and its context's): a kept traceback keeps every frame of the
+    stopped bound alive, with its A matrices (GBs on DM_Large), while the caller goes on to a cheaper bound."""
+    seen: set[int] = set()
+    link: BaseException | None = error
+    while link is not None and id(link) not in seen:
+        seen.add(id(link))
+        link.__traceback__ = None
+        link = link.__cause__ or link.__context__
+    return error
 
 
 def _rss_mb() -> float:

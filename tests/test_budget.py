@@ -288,3 +288,28 @@ def test_a_stopped_pass_leaves_no_matrices_behind(monkeypatch):
     assert ran  # the pass had started: a Linear step ran and handed its A to the ReLU before the refusal
     assert all(getattr(node, "lA", None) is None and getattr(node, "uA", None) is None
                for node in bounded._modules.values())
+
+
+def test_a_budget_answer_keeps_no_frames_alive():
+    """within_budget returns the limit's exception without tracebacks, so the stopped bound's locals (its A
+    matrices) are freed before the caller tries a cheaper bound."""
+    import gc
+    import weakref
+
+    refs = []
+
+    def stopped_bound():
+        matrices = torch.ones(1000)
+        refs.append(weakref.ref(matrices))
+        try:
+            raise MemoryError("inner")
+        except MemoryError:
+            raise OutOfMemoryBudget("past the budget")  # noqa: B904 - a chained context, as auto_LiRPA's may be
+
+    answer = budget.within_budget(stopped_bound)
+    gc.collect()
+    assert isinstance(answer, OutOfMemoryBudget) and answer.__traceback__ is None
+    assert answer.__context__ is not None and answer.__context__.__traceback__ is None
+    assert refs[0]() is None
+    with pytest.raises(ValueError):  # any other error still propagates
+        budget.within_budget(lambda: int("x"))

@@ -8,12 +8,12 @@ wraps a BoundedModule so every such pass first checks two limits and raises inst
   CUDA, the allocator's peak) while a bound runs and flags it once the growth since the call began passes
   the budget; the next layer boundary raises. A genuine allocation failure counts the same.
 
-Both limits also look one step ahead: before a node's backward step, `backward_step_mb` estimates the memory
-the step will allocate (the A matrix it returns, from the incoming A's shape and the node's weight; measured
-within ~12 % on the large steps of DM_Medium / DM_Large CROWN), and the guard refuses the step when it would
-take the growth past the budget, or, at the step speed learnt from the earlier large steps, end past the
-deadline. One CROWN step on DM_Large allocates up to ~3.5 GB and takes seconds, so without the look-ahead a
-budget or deadline was overshot by a whole step.
+The memory limit also looks one step ahead: before a node's backward step, `backward_step_mb` estimates the
+memory the step will allocate (the A matrix it returns, from the incoming A's shape and the node's weight;
+within ~12 % of the measured growth on the large steps of DM_Medium / DM_Large CROWN), and the guard refuses the
+step when it would take the growth past the budget. One CROWN step on DM_Large allocates up to ~3.5 GB, so
+without the look-ahead the budget was overshot by a whole step. (The deadline is checked between steps only: a
+step that starts in time may end past it.)
 
 `BatchPlanner` turns the measured peak growth per sample into batch sizes: it starts from one sample,
 learns how much memory one sample's bound takes, and never plans a batch whose estimate exceeds the budget;
@@ -37,8 +37,6 @@ SAMPLE_EVERY_S = 0.005
 _CUDA_OPEN = [0]  # CUDA watches open now: only the outermost resets the allocator's peak
 HEADROOM = 1.25  # planned batch: estimate × HEADROOM must fit the budget
 DEFAULT_MEMORY_MB = 4096.0  # memory budget of one bound call (MiB), for every verifier that takes one
-LEARN_STEP_MB = 16.0  # backward steps estimated at this size or more teach (and are checked against) the step speed
-STEP_RATE_WEIGHT = 0.3  # weight of the newest step in the learnt speed (an exponential average)
 
 
 class BoundTimeout(Exception):
@@ -166,26 +164,14 @@ class Limits:
 
     def __init__(self) -> None:
         self.active: list[tuple[float | None, MemoryWatch]] = []
-        self.s_per_mb: float | None = None  # learnt speed of large backward steps (seconds per estimated MiB)
-
-    def learn_step(self, step_mb: float, seconds: float) -> None:
-        """Learn the speed of one backward step (steps under LEARN_STEP_MB are dominated by overheads)."""
-        if step_mb >= LEARN_STEP_MB:
-            rate = seconds / step_mb
-            self.s_per_mb = rate if self.s_per_mb is None else (1 - STEP_RATE_WEIGHT) * self.s_per_mb \
-                + STEP_RATE_WEIGHT * rate
 
     def check(self, step_mb: float = 0.0) -> None:
         """Raise if a deadline has passed, a budget was passed, or the next step (`step_mb` of new memory, an
-        estimate made before the step allocates it) would take the growth past a budget or, at the learnt step
-        speed, end past a deadline."""
+        estimate made before the step allocates it) would take the growth past a budget."""
         now = time.perf_counter()
-        step_s = step_mb * self.s_per_mb if self.s_per_mb is not None and step_mb >= LEARN_STEP_MB else 0.0
         for deadline, watch in self.active:
             if deadline is not None and now > deadline:
                 raise BoundTimeout("bound deadline passed")
-            if deadline is not None and now + step_s > deadline:
-                raise BoundTimeout(f"the next backward step would take ~{step_s:.1f} s: past the deadline")
             watch.poll()
             if watch.exceeded:
                 raise OutOfMemoryBudget(f"bound memory passed {watch.budget_mb:.0f} MiB")
@@ -222,12 +208,8 @@ def _check_before(owner, name: str, limits: Limits, node) -> None:
         if node is None or len(args) < 2:
             limits.check()
             return original(*args, **kwargs)
-        step_mb = backward_step_mb(node, args[0], args[1])
-        limits.check(step_mb)
-        start = time.perf_counter()
-        result = original(*args, **kwargs)
-        limits.learn_step(step_mb, time.perf_counter() - start)
-        return result
+        limits.check(backward_step_mb(node, args[0], args[1]))
+        return original(*args, **kwargs)
 
     object.__setattr__(owner, name, check_first)
 

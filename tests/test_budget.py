@@ -254,22 +254,6 @@ def test_pre_pass_is_kept_only_while_it_pays():
     assert not bounder.quick_useful()
 
 
-def test_guard_refuses_a_step_that_would_end_past_the_deadline(monkeypatch):
-    """With a learnt step speed, a large step that would end past the deadline is refused before it runs."""
-    bounded, inputs = small_bounded()
-    limits = guarded(bounded)
-    monkeypatch.setattr(budget, "backward_step_mb", lambda node, la, ua: 0.0 if node is None else 100.0)
-    with limited(limits, deadline=time.perf_counter() + 60.0):
-        bounded.compute_bounds(x=inputs, method="CROWN")  # small real steps: the learnt speed is tiny
-    assert limits.s_per_mb is not None and limits.s_per_mb < 0.01
-    limits.learn_step(100.0, 100.0)  # a slow machine: now a 100 MiB step takes ~30 s (the average moved)
-    with pytest.raises(BoundTimeout, match="next backward step"):
-        with limited(limits, deadline=time.perf_counter() + 5.0):
-            bounded.compute_bounds(x=inputs, method="CROWN")
-    limits.learn_step(1.0, 1000.0)  # a small step says nothing about the speed
-    assert limits.s_per_mb < 1.0
-
-
 def test_a_stopped_pass_leaves_no_matrices_behind(monkeypatch):
     """A backward pass refused half-way drops the A matrices it had reached (they would inflate the next call's
     starting memory by GBs on DM_Large)."""

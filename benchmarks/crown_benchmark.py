@@ -1,7 +1,7 @@
 """Benchmark a bound verifier (crown, alpha-crown, ibp) on a naturally trained MNIST model, within a memory budget.
 
     python benchmarks/crown_benchmark.py --model dm_large [--verifier crown] [--samples 100] [--eps 0.1]
-        [--memory-mb 4096] [--time-limit S] [--checkpoint PATH] [--json OUT.json]
+        [--memory-mb 4096] [--time-limit S] [--checkpoint PATH] [--json OUT.json] [--label NAME]
 
 Trains the natural model (--epochs, batch 128) unless --checkpoint names an existing one, verifies the first
 --samples MNIST test images and prints the decision counts, the per-sample time, how many samples needed the
@@ -44,6 +44,7 @@ def main(argv=None) -> None:
     parser.add_argument("--time-limit", type=float, default=None, help="s per sample (default: none)")
     parser.add_argument("--checkpoint", help="model checkpoint to load, or where to save a fresh one")
     parser.add_argument("--json", help="append this run's figures to a JSON list in this file")
+    parser.add_argument("--label", default="", help="a name for this run in the --json record (e.g. before/after)")
     args = parser.parse_args(argv)
     dataset = load_dataset("mnist")
     if args.checkpoint and Path(args.checkpoint).exists():
@@ -71,7 +72,7 @@ def main(argv=None) -> None:
           f"({1000 * wall / max(1, len(results)):.0f} ms/sample); peak resident memory {peak:.0f} MiB "
           f"(budget {args.memory_mb:.0f} MiB per bound call)")
     if args.json:
-        record = {"model": args.model, "verifier": args.verifier, "eps": args.eps, "samples": len(results),
+        record = {"label": args.label, "model": args.model, "verifier": args.verifier, "eps": args.eps, "samples": len(results),
                   "verified": stats["verified"], "falsified": stats["falsified"], "unknown": stats["unknown"],
                   "cascade": cascade, "wall_s": wall, "ms_per_sample": 1000 * wall / max(1, len(results)),
                   "median_ms": 1000 * float(np.median([r.time_s for r in results])), "peak_rss_mb": peak,

@@ -57,8 +57,18 @@ for run in "dm_small pixel 2004" "dm_medium pixel 50" "dm_large pixel 5" "dm_sma
     --samples $3 --checkpoint "$here/$S/models/$1-$2.pt" --json "$here/$S/records.json" --label before)
 done
 git worktree remove --force /tmp/abscert-before
-.venv/bin/python benchmarks/crown_benchmark.py --model dm_large --samples 20 \
-  --checkpoint $S/models/dm_large-natural.pt --json $S/crown.json
+# CROWN on natural DM_Large: "before" with the guard of commit e8ad8fc (memory checked between steps only, a stopped
+# pass kept its matrices), "after" with the current one (one-step memory look-ahead)
+git worktree add -f /tmp/abscert-guard e8ad8fc
+cp benchmarks/crown_benchmark.py /tmp/abscert-guard/benchmarks/
+ln -sfn "$here/data" /tmp/abscert-guard/data
+.venv/bin/python benchmarks/crown_benchmark.py --model dm_large --samples 1 --checkpoint $S/models/dm_large-natural.pt \
+  >/dev/null  # trains the model once
+(cd /tmp/abscert-guard && "$here/.venv/bin/python" benchmarks/crown_benchmark.py --model dm_large --samples 20 \
+  --checkpoint "$here/$S/models/dm_large-natural.pt" --json "$here/$S/crown.json" --label before)
+git worktree remove --force /tmp/abscert-guard
+.venv/bin/python benchmarks/crown_benchmark.py --model dm_large --samples 100 \
+  --checkpoint $S/models/dm_large-natural.pt --json $S/crown.json --label after
 .venv/bin/python benchmarks/sound_benchmark.py --report $S/records.json > $S/table.md
 
 # Gap form vs box form of the AbsCert hull for auto_LiRPA (bounds only, no timing; issue 11).

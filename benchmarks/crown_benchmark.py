@@ -72,7 +72,8 @@ def main(argv=None) -> None:
           f"({1000 * wall / max(1, len(results)):.0f} ms/sample); peak resident memory {peak:.0f} MiB "
           f"(budget {args.memory_mb:.0f} MiB per bound call)")
     if args.json:
-        record = {"label": args.label, "model": args.model, "verifier": args.verifier, "eps": args.eps, "samples": len(results),
+        record = {"label": args.label, "model": args.model, "verifier": args.verifier, "eps": args.eps,
+                  "samples": len(results),
                   "verified": stats["verified"], "falsified": stats["falsified"], "unknown": stats["unknown"],
                   "cascade": cascade, "wall_s": wall, "ms_per_sample": 1000 * wall / max(1, len(results)),
                   "median_ms": 1000 * float(np.median([r.time_s for r in results])), "peak_rss_mb": peak,

@@ -36,7 +36,8 @@ $B table $O --csv $O/table.csv > $O/table.md
 # abscert-sound at scale (issue 10): the sound benchmark on AbsCert DM_Small / DM_Medium / DM_Large, both
 # configurations, one process at a time on a quiet machine (models trained by the script, 5 epochs, and kept in
 # results/sound-benchmark/models/, not committed), then CROWN on a naturally trained DM_Large within the memory
-# budget. "before" rows were measured with the code of commit 702a8c2 (checked out elsewhere, same script).
+# budget. "before" rows: this checkout's script over the code of commit 702a8c2 (a worktree; benchmarks/at_commit.py),
+# on the same day as the "after" rows.
 S=results/sound-benchmark
 mkdir -p $S/models
 rm -f $S/records.json $S/crown.json
@@ -49,22 +50,22 @@ done
 # the "before" rows: the same script over the code before this issue's changes (commit 702a8c2)
 here=$PWD
 git worktree add -f /tmp/abscert-before 702a8c2
-cp benchmarks/sound_benchmark.py /tmp/abscert-before/benchmarks/
 ln -sfn "$here/data" /tmp/abscert-before/data
 for run in "dm_small pixel 2004" "dm_medium pixel 50" "dm_large pixel 5" "dm_small official 2004"; do
   set -- $run
-  (cd /tmp/abscert-before && "$here/.venv/bin/python" benchmarks/sound_benchmark.py --model $1 --config $2 \
-    --samples $3 --checkpoint "$here/$S/models/$1-$2.pt" --json "$here/$S/records.json" --label before)
+  (cd /tmp/abscert-before && "$here/.venv/bin/python" "$here/benchmarks/at_commit.py" /tmp/abscert-before \
+    "$here/benchmarks/sound_benchmark.py" --model $1 --config $2 --samples $3 \
+    --checkpoint "$here/$S/models/$1-$2.pt" --json "$here/$S/records.json" --label before)
 done
 git worktree remove --force /tmp/abscert-before
 # CROWN on natural DM_Large: "before" with the guard of commit e8ad8fc (memory checked between steps only, a stopped
 # pass kept its matrices), "after" with the current one (one-step memory look-ahead)
 git worktree add -f /tmp/abscert-guard e8ad8fc
-cp benchmarks/crown_benchmark.py /tmp/abscert-guard/benchmarks/
 ln -sfn "$here/data" /tmp/abscert-guard/data
 .venv/bin/python benchmarks/crown_benchmark.py --model dm_large --samples 1 --checkpoint $S/models/dm_large-natural.pt \
   >/dev/null  # trains the model once
-(cd /tmp/abscert-guard && "$here/.venv/bin/python" benchmarks/crown_benchmark.py --model dm_large --samples 20 \
+(cd /tmp/abscert-guard && "$here/.venv/bin/python" "$here/benchmarks/at_commit.py" /tmp/abscert-guard \
+  "$here/benchmarks/crown_benchmark.py" --model dm_large --samples 20 \
   --checkpoint "$here/$S/models/dm_large-natural.pt" --json "$here/$S/crown.json" --label before)
 git worktree remove --force /tmp/abscert-guard
 .venv/bin/python benchmarks/crown_benchmark.py --model dm_large --samples 100 \

@@ -39,6 +39,16 @@ HEADROOM = 1.25  # planned batch: estimate × HEADROOM must fit the budget
 DEFAULT_MEMORY_MB = 4096.0  # memory budget of one bound call (MiB), for every verifier that takes one
 
 
+def crown_batch_opts(name: str, crown_batch) -> dict:
+    """auto_LiRPA options for a verifier's `crown_batch` (0: off; N > 0: batched CROWN, an intermediate layer's
+    unstable neurons N at a time: the same bounds with one N-th of the step memory). Bad values: UserError."""
+    if isinstance(crown_batch, bool) or not isinstance(crown_batch, int) or crown_batch < 0:
+        from .errors import UserError
+
+        raise UserError(f"{name}: crown_batch must be an integer >= 0, got {crown_batch!r}")
+    return {"crown_batch_size": crown_batch} if crown_batch else {}
+
+
 class BoundTimeout(Exception):
     """A bound computation passed its deadline."""
 
@@ -253,8 +263,9 @@ def _spec_and_size(a) -> tuple[int, int]:
     if shape is None or len(shape) < 2:
         return 0, 0
     spec = int(shape[0]) * int(shape[1])
-    if type(a).__name__ == "Patches":  # identity patches: (out_c, batch, out_h, out_w), nothing materialised
-        return math.prod(int(v) for v in shape[:4]), 0
+    if type(a).__name__ == "Patches":  # identity patches, nothing materialised: (out_c, batch, out_h, out_w, …),
+        # or batched CROWN's sparse ones over selected neurons: (unstable, batch, c, 1, 1)
+        return math.prod(int(v) for v in shape[:2 if len(shape) == 5 else 4]), 0
     return spec, 0  # eyeC / OneHotC: an implicit identity
 
 

@@ -94,6 +94,18 @@ def _shim_named_members(bound_module_cls: type[nn.Module]) -> None:
     _APPLIED.append("BoundedModule._named_members")
 
 
+def _quiet_batched_crown() -> None:
+    """auto_LiRPA 0.3's batched CROWN (bound option `crown_batch_size`) prints a line and a tqdm bar per
+    intermediate layer: inside `backward_bound` only, `print` and `tqdm` become silent."""
+    backward = sys.modules.get("auto_LiRPA.backward_bound")
+    batched = getattr(backward, "batched_backward", None)
+    if backward is None or batched is None or "Batched CROWN" not in inspect.getsource(batched):
+        return
+    backward.print = lambda *args, **kwargs: None  # type: ignore[attr-defined]
+    backward.tqdm = lambda iterable, *args, **kwargs: iterable  # type: ignore[attr-defined]
+    _APPLIED.append("quiet batched CROWN")
+
+
 def _import_keeping_warning_filters(name: str) -> ModuleType:
     """Import `name` without letting it change the process's warning filters.
 
@@ -129,6 +141,7 @@ def lirpa() -> ModuleType:
             f"auto_LiRPA is not importable ({exc}); install it with: pip install --no-deps auto-lirpa==0.3"
         ) from None
     _shim_named_members(module.BoundedModule)
+    _quiet_batched_crown()
     lirpa._done = True  # type: ignore[attr-defined]
     return module
 

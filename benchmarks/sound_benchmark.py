@@ -88,16 +88,18 @@ def peak_rss_mb() -> float:
 def report(path: str) -> str:
     """A markdown table of the records in a --json file (one row per run, in the order they ran)."""
     records = json.loads(Path(path).read_text())
-    head = ("| run | model | config | eps / d | images | median ms | p95 ms | unknown | verified | falsified | "
-            "paper-accepted, soundly falsified | peak MiB | wall s |")
+    head = ("| run | model | config | eps / d | timeout s | options | images | median ms | p95 ms | unknown | "
+            "verified | falsified | paper-accepted, soundly falsified | peak MiB | wall s |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in records:
+        options = ", ".join(f"{k} {v}" for k, v in r["verifier_options"].items()) or "–"
         lines.append(
-            f"| {r['label']} | {r['model']} | {r['config']} | {r['eps']:g} / {r['d']:.4g} | {r['samples']} | "
-            f"{r['median_ms']:.0f} | {r['p95_ms']:.0f} | {r['unknown']} ({r['unknown_pct']:.1f} %) | {r['verified']} | "
-            f"{r['falsified']} | {r['paper_verified_sound_falsified']} | {r['peak_rss_mb']:.0f} | {r['wall_s']:.0f} |")
+            f"| {r['label']} | {r['model']} | {r['config']} | {r['eps']:g} / {r['d']:.4g} | {r['timeout_s']:g} | "
+            f"{options} | {r['samples']} | {r['median_ms']:.0f} | {r['p95_ms']:.0f} | {r['unknown']} "
+            f"({r['unknown_pct']:.1f} %) | {r['verified']} | {r['falsified']} | "
+            f"{r['paper_verified_sound_falsified']} | {r['peak_rss_mb']:.0f} | {r['wall_s']:.0f} |")
     machine = sorted({f"{r['machine']}, {r['threads']} torch threads" for r in records})
-    return "\n".join(lines) + f"\n\nMachine: {'; '.join(machine)}; timeout {records[0]['timeout_s']:g} s per sample.\n"
+    return "\n".join(lines) + f"\n\nMachine: {'; '.join(machine)}.\n"
 
 
 def main(argv=None) -> None:

@@ -10,6 +10,7 @@ from torch import nn
 
 from abscert_bench import budget
 from abscert_bench.budget import BatchPlanner, BoundTimeout, Limits, MemoryWatch, OutOfMemoryBudget, guarded, limited
+from abscert_bench.errors import UserError
 from abscert_bench.lirpa_compat import lirpa
 from abscert_bench.trained import TrainedModel
 from abscert_bench.verification import create_verifier
@@ -219,6 +220,32 @@ def test_bound_verifiers_batch_by_memory_and_fall_back(name, monkeypatch):
             assert p == "verified" and r.details["bound"] == "ibp-intermediate"  # looser never verifies more
         else:
             assert r.status in ("unknown", "falsified")
+
+
+EPS_MIXED = 0.2  # some samples verified, some not, on standard_model()
+
+
+@pytest.mark.parametrize("name", ["crown", "alpha-crown"])
+def test_bound_verifiers_batched_crown_gives_the_same_margins(name, monkeypatch):
+    """crown_batch: auto_LiRPA's batched CROWN (intermediate neurons a few at a time) bounds like plain CROWN."""
+    trained = standard_model()
+    x = torch.rand(8, 1, 3, 3, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        y = trained.network(x).argmax(1)
+    plain = create_verifier(name).verify(trained, x, y, EPS_MIXED)
+    calls = []
+    original = lirpa().BoundedModule.batched_backward
+    monkeypatch.setattr(lirpa().BoundedModule, "batched_backward",
+                        lambda *a, **k: calls.append(1) or original(*a, **k))
+    batched = create_verifier(name, crown_batch=3).verify(trained, x, y, EPS_MIXED)
+    assert calls, "the batched CROWN path was not taken"
+    assert [r.status for r in batched] == [r.status for r in plain]
+    assert {"verified", "unknown"} <= {r.status for r in plain}
+    for b, p in zip(batched, plain):
+        if "min_margin_lb" in p.details:
+            assert b.details["min_margin_lb"] == pytest.approx(p.details["min_margin_lb"], abs=1e-4, rel=1e-4)
+    with pytest.raises(UserError):
+        create_verifier(name, crown_batch=-2)
 
 
 def test_bound_verifier_time_limit_gives_unknown():

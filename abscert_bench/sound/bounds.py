@@ -155,7 +155,8 @@ class DomainBounds:
 class HullBounder:
     """auto_LiRPA bounds over domain hulls for one trained AbsCert model; the BoundedModule is built once."""
 
-    def __init__(self, trained, method: str = "crown", memory_mb: float = DEFAULT_MEMORY_MB) -> None:
+    def __init__(self, trained, method: str = "crown", memory_mb: float = DEFAULT_MEMORY_MB,
+                 bound_opts: dict | None = None) -> None:
         if method not in LIRPA_METHODS and method != CROWN_LAST:
             raise ValueError(f"unknown bound method {method!r}")
         self.method = method
@@ -177,7 +178,8 @@ class HullBounder:
         self.device = module_device(trained.network)  # bounds are computed where the network lives
         self.module = self.module.to(self.device).eval()
         self.bounded = lirpa().BoundedModule(self.module, torch.zeros(1, 2 * c, h, w, device=self.device),
-                                             device=self.device)
+                                             bound_opts=bound_opts or None, device=self.device)
+        self.batched = bool((bound_opts or {}).get("crown_batch_size"))
         # every bound call runs under a deadline and a memory budget; batch sizes follow the measured memory
         self.planner = BatchPlanner(memory_mb, guarded(self.bounded), self.device)
         self.quick_tried = self.quick_decided = 0
@@ -272,6 +274,16 @@ class HullBounder:
             if reference:
                 kwargs["reference_bounds"] = reference
                 kwargs["aux_reference_bounds"] = reference
+            given = kwargs.get("intermediate_layer_bounds", {})
+            if need_a and self.batched and not set(self.relu_inputs) <= set(given):
+                # auto_LiRPA's batched CROWN cannot return A: intermediate bounds first, then the margins and
+                # their A from those bounds (one more backward pass from the output only)
+                pass_kwargs = {k: v for k, v in kwargs.items() if k not in ("return_A", "needed_A_dict")}
+                self.bounded.compute_bounds(x=inputs, C=spec, method=LIRPA_METHODS[method], bound_upper=False,
+                                            **pass_kwargs)
+                kwargs["intermediate_layer_bounds"] = {
+                    name: (self.bounded[name].lower.detach(), self.bounded[name].upper.detach())
+                    for name in self.relu_inputs}
             out = self.bounded.compute_bounds(
                 x=inputs, C=spec, method=LIRPA_METHODS[method], bound_upper=False, **kwargs
             )

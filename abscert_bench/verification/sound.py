@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from ..abstraction import check_eps, check_granularity
-from ..budget import DEFAULT_MEMORY_MB, budget_stage, within_budget
+from ..budget import DEFAULT_MEMORY_MB, budget_stage, crown_batch_opts, within_budget
 from ..devices import OnDevice
 from ..errors import UserError
 from ..sound.attack import discrete_attack
@@ -66,7 +66,9 @@ class SoundVerifier(Verifier):
     enumeration stage, BaB leaves are then single inputs), `attack` / `attack_steps` / `attack_restarts`,
     `bab_batch` (most domains per bound call), `fast_first` (the cheap batched pre-pass, dropped by itself on
     networks where it decides too few samples), `memory_mb` (memory budget of one bound call, MiB: batch sizes
-    are planned from it, a sample whose bound does not fit alone is `unknown`), `seed`.
+    are planned from it, a sample whose bound does not fit alone is `unknown`), `crown_batch` (0: off; N > 0:
+    CROWN bounds an intermediate layer's unstable neurons N at a time — auto_LiRPA's batched CROWN, the same
+    bounds in less memory per step, so a wide network's bound fits the budget), `seed`.
 
     Time and memory are limits, not failures: the per-sample `timeout` covers every stage including the root
     bound (auto_LiRPA is stopped at the next layer boundary), and a sample past it is `unknown` (stage
@@ -81,7 +83,7 @@ class SoundVerifier(Verifier):
     def __init__(
         self, timeout: float = 10.0, bound_method: str = "crown", enumerate_limit: int = 256,
         attack: bool = True, attack_steps: int = 3, attack_restarts: int = 1, bab_batch: int = 32,
-        fast_first: bool = True, memory_mb: float = DEFAULT_MEMORY_MB, seed: int = 0,
+        fast_first: bool = True, memory_mb: float = DEFAULT_MEMORY_MB, crown_batch: int = 0, seed: int = 0,
     ) -> None:
         if not timeout > 0:
             raise UserError(f"abscert-sound: timeout must be > 0 seconds, got {timeout}")
@@ -92,6 +94,7 @@ class SoundVerifier(Verifier):
                             "attack_restarts >= 0 required")
         if not memory_mb > 0:
             raise UserError(f"abscert-sound: memory_mb must be > 0, got {memory_mb}")
+        self.crown_opts = crown_batch_opts(self.name, crown_batch)
         self.memory_mb = float(memory_mb)
         self.timeout = float(timeout)
         self.bound_method = bound_method
@@ -155,7 +158,8 @@ class SoundVerifier(Verifier):
         network = trained.network
         digest = network_digest(network)
         if self._engine is None or self._engine[0] is not network or self._engine[1] != digest:
-            self._engine = (network, digest, HullBounder(trained, self.bound_method, self.memory_mb))
+            self._engine = (network, digest, HullBounder(trained, self.bound_method, self.memory_mb,
+                                                              self.crown_opts))
         return self._engine[2]
 
     # -- the pipeline ----------------------------------------------------------------------------------

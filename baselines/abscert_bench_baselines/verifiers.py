@@ -6,7 +6,7 @@ import time
 import torch
 
 from abscert_bench.abstraction import ball
-from abscert_bench.budget import DEFAULT_MEMORY_MB, BatchPlanner, BoundTimeout, guarded, within_budget
+from abscert_bench.budget import DEFAULT_MEMORY_MB, BatchPlanner, BoundTimeout, crown_batch_opts, guarded, within_budget
 from abscert_bench.devices import module_device
 from abscert_bench.errors import UserError
 from abscert_bench.lirpa import bounded_module, margin_lower_bounds, set_batchnorm_training
@@ -18,7 +18,8 @@ class BoundVerifier(Verifier):
     """Sound but incomplete: `verified` when every margin lower bound is positive.
 
     Options: `time_limit` (s per sample, None: no limit; not the harness's abscert-sound `timeout`, so
-    existing specs bound exactly as before) and `memory_mb` (budget of one bound call). Samples are
+    existing specs bound exactly as before), `memory_mb` (budget of one bound call) and `crown_batch` (0: off;
+    N > 0: auto_LiRPA's batched CROWN, intermediate layers' unstable neurons N at a time). Samples are
     bounded in batches planned from the measured memory (`abscert_bench.budget`); a batch past its deadline is
     `unknown` (stage 'timeout'); a sample whose CROWN bound does not fit the budget alone is bounded with IBP
     for the intermediate layers and CROWN for the margins (the cheaper cascade), and is `unknown` (stage
@@ -27,7 +28,8 @@ class BoundVerifier(Verifier):
 
     bound_opts: dict | None = None  # auto_LiRPA BoundedModule options
 
-    def __init__(self, name: str, time_limit: float | None = None, memory_mb: float = DEFAULT_MEMORY_MB) -> None:
+    def __init__(self, name: str, time_limit: float | None = None, memory_mb: float = DEFAULT_MEMORY_MB,
+                 crown_batch: int = 0) -> None:
         if time_limit is not None and not float(time_limit) > 0:
             raise UserError(f"{name}: time_limit must be > 0 seconds, got {time_limit}")
         if not float(memory_mb) > 0:
@@ -35,6 +37,7 @@ class BoundVerifier(Verifier):
         self.name = name
         self.time_limit = None if time_limit is None else float(time_limit)
         self.memory_mb = float(memory_mb)
+        self.crown_opts = crown_batch_opts(name, crown_batch)
         self.meaning = f"auto_LiRPA {name} bounds on the L∞ ball clipped to [0,1] (sound, incomplete)"
         self._bounded: dict[int, object] = {}
         self._planners: dict[int, BatchPlanner] = {}
@@ -48,7 +51,8 @@ class BoundVerifier(Verifier):
         key = id(trained.network)
         if key not in self._bounded:
             trained.network.eval()
-            self._bounded[key] = bounded_module(trained.network, example, self.bound_opts)
+            options = {**(self.bound_opts or {}), **self.crown_opts}
+            self._bounded[key] = bounded_module(trained.network, example, options or None)
             self._planners[key] = BatchPlanner(self.memory_mb, guarded(self._bounded[key]),
                                                module_device(trained.network))
         set_batchnorm_training(self._bounded[key], False)
@@ -152,11 +156,12 @@ class AlphaCrownVerifier(BoundVerifier):
 
 
 def _builder(cls, name: str):
-    def build(time_limit: float | None = None, memory_mb: float = DEFAULT_MEMORY_MB) -> BoundVerifier:
-        return cls(name, time_limit=time_limit, memory_mb=memory_mb)
+    def build(time_limit: float | None = None, memory_mb: float = DEFAULT_MEMORY_MB,
+              crown_batch: int = 0) -> BoundVerifier:
+        return cls(name, time_limit=time_limit, memory_mb=memory_mb, crown_batch=crown_batch)
 
     build.__doc__ = (f"{name}: auto_LiRPA bounds on the clipped L∞ ball (time_limit s per sample, memory_mb per "
-                     "bound call).")
+                     "bound call, crown_batch unstable neurons per batched-CROWN pass, 0: off).")
     return build
 
 

@@ -47,6 +47,11 @@ for run in "dm_small pixel 2004" "dm_medium pixel 50" "dm_large pixel 20" \
   .venv/bin/python benchmarks/sound_benchmark.py --model $1 --config $2 --samples $3 \
     --checkpoint $S/models/$1-$2.pt --json $S/records.json --label after
 done
+# the opt-in batched CROWN (crown_batch 2048): DM_Medium at the same 10 s, DM_Large at 60 s per sample
+.venv/bin/python benchmarks/sound_benchmark.py --model dm_medium --config pixel --samples 50 \
+  --verifier-options '{"crown_batch": 2048}' --checkpoint $S/models/dm_medium-pixel.pt --json $S/records.json --label after
+.venv/bin/python benchmarks/sound_benchmark.py --model dm_large --config pixel --samples 20 --timeout 60 \
+  --verifier-options '{"crown_batch": 2048}' --checkpoint $S/models/dm_large-pixel.pt --json $S/records.json --label after
 # the "before" rows: the same script over the code before this issue's changes (commit 702a8c2)
 here=$PWD
 git worktree add -f /tmp/abscert-before 702a8c2
@@ -93,6 +98,10 @@ $B bench --dataset mnist --epochs 5 > results/speed_benchmark.md
 
 # Not committed in this version (run it for the figures): the equal-budget comparison,
 #   $B run specs/mnist-budget.toml --workers 2 --out results/mnist-budget
+
+# Scalability (FC3 → DM_Large, VGG-11, ResNet-18 on 3×32×32; one worker, quiet machine; issue 10). The
+# checkpoints stay out of git (.gitignore).
+$B run specs/scalability.toml --workers 1 --out results/scalability $F
 
 # The quick suite (digits): each cell exported to cells/<id>/vnncomp/ with its `vnncomp run` results ([export]
 # run_back, the default); `make crosscheck` reads these folders too (issue 13).

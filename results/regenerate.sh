@@ -99,9 +99,10 @@ $B bench --dataset mnist --epochs 5 > results/speed_benchmark.md
 # Not committed in this version (run it for the figures): the equal-budget comparison,
 #   $B run specs/mnist-budget.toml --workers 2 --out results/mnist-budget
 
-# Scalability (FC3 → DM_Large, VGG-11, ResNet-18 on 3×32×32; one worker, quiet machine; issue 10). The
-# checkpoints stay out of git (.gitignore).
+# Scalability (FC3 → DM_Large, VGG-11, ResNet-18 on 3×32×32; one worker, quiet machine; issue 10); checkpoints
+# over 3 MiB become stubs.
 $B run specs/scalability.toml --workers 1 --out results/scalability $F
+$B slim results/scalability --max-mb 3
 
 # The quick suite (digits): each cell exported to cells/<id>/vnncomp/ with its `vnncomp run` results ([export]
 # run_back, the default); `make crosscheck` reads these folders too (issue 13).

@@ -405,6 +405,9 @@ def test_time_cap_stops_a_cell(tmp_path):
     result = Store(tmp_path / "store").result("digits_fc3_eps0.1_ibp_s0")
     assert result["status"] == "stopped" and "time cap" in result["reason"], result
     assert report.count("stopped") == 1
+    from abscert_bench.owned import RUN, is_kind
+    run_dir = tmp_path / "store" / "cells" / "digits_fc3_eps0.1_ibp_s0" / "run"
+    assert not (run_dir / "checkpoint.pt").exists() and is_kind(run_dir, RUN)  # stopped, still the tool's folder
     rows = scalability_rows(tmp_path / "store")
     assert rows[0]["status"] == "stopped" and "time cap" in rows[0]["reason"]
 

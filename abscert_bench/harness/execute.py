@@ -233,6 +233,7 @@ def _run_stages(params: dict[str, Any], staging: Path, result: dict[str, Any], d
 def _train_stage(params: dict[str, Any], config, dataset, run_dir: Path, result: dict[str, Any],
                  log: Callable[[str], None]) -> bool:
     """Train into run_dir under the caps; records the stage; False when a cap stopped it."""
+    from ..rundir import finish_run_dir
     from ..training.loop import run_training
 
     eps = params["eps"]
@@ -250,6 +251,7 @@ def _train_stage(params: dict[str, Any], config, dataset, run_dir: Path, result:
         f"{result['parameters']} parameters)")
     with StageGuard(limits["train_time_cap_s"], limits["memory_cap_mb"], config.device) as guard:
         run_training(config, dataset, run_dir, on_epoch=on_epoch)
+    finish_run_dir(run_dir)  # the run directory's marker: a stopped one (no checkpoint) is still the tool's
     final = _final_epochs(run_dir) or epochs  # the final model's epochs (a granularity search's come first)
     train_stage = {**guard.report(), "epochs": len(epochs), "final_epochs": len(final),
                    "train_s": sum(e["train_time_s"] for e in final),

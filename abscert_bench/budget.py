@@ -31,6 +31,8 @@ from typing import TypeVar
 
 import torch
 
+from .errors import UserError
+
 T = TypeVar("T")
 R = TypeVar("R")
 SAMPLE_EVERY_S = 0.005
@@ -43,8 +45,6 @@ def crown_batch_opts(name: str, crown_batch) -> dict:
     """auto_LiRPA options for a verifier's `crown_batch` (0: off; N > 0: batched CROWN, an intermediate layer's
     unstable neurons N at a time: the same bounds with one N-th of the step memory). Bad values: UserError."""
     if isinstance(crown_batch, bool) or not isinstance(crown_batch, int) or crown_batch < 0:
-        from .errors import UserError
-
         raise UserError(f"{name}: crown_batch must be an integer >= 0, got {crown_batch!r}")
     return {"crown_batch_size": crown_batch} if crown_batch else {}
 

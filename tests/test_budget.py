@@ -188,12 +188,18 @@ def standard_model() -> TrainedModel:
     return TrainedModel(net.eval(), config, None)
 
 
-@pytest.mark.parametrize("name", ["crown", "alpha-crown"])
-def test_bound_verifiers_batch_by_memory_and_fall_back(name, monkeypatch):
+def standard_batch(n: int, seed: int) -> tuple[TrainedModel, torch.Tensor, torch.Tensor]:
+    """standard_model() with n random images labelled by its own predictions."""
     trained = standard_model()
-    x = torch.rand(6, 1, 3, 3, generator=torch.Generator().manual_seed(0))
+    x = torch.rand(n, 1, 3, 3, generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
         y = trained.network(x).argmax(1)
+    return trained, x, y
+
+
+@pytest.mark.parametrize("name", ["crown", "alpha-crown"])
+def test_bound_verifiers_batch_by_memory_and_fall_back(name, monkeypatch):
+    trained, x, y = standard_batch(6, 0)
     plain = [r.status for r in create_verifier(name).verify(trained, x, y, 0.01)]
     assert plain.count("verified") >= 3
     calls = []
@@ -228,10 +234,7 @@ EPS_MIXED = 0.2  # some samples verified, some not, on standard_model()
 @pytest.mark.parametrize("name", ["crown", "alpha-crown"])
 def test_bound_verifiers_batched_crown_gives_the_same_margins(name, monkeypatch):
     """crown_batch: auto_LiRPA's batched CROWN (intermediate neurons a few at a time) bounds like plain CROWN."""
-    trained = standard_model()
-    x = torch.rand(8, 1, 3, 3, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        y = trained.network(x).argmax(1)
+    trained, x, y = standard_batch(8, 1)
     plain = create_verifier(name).verify(trained, x, y, EPS_MIXED)
     calls = []
     original = lirpa().BoundedModule.batched_backward
@@ -249,10 +252,7 @@ def test_bound_verifiers_batched_crown_gives_the_same_margins(name, monkeypatch)
 
 
 def test_bound_verifier_time_limit_gives_unknown():
-    trained = standard_model()
-    x = torch.rand(4, 1, 3, 3, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        y = trained.network(x).argmax(1)
+    trained, x, y = standard_batch(4, 0)
     results = create_verifier("crown", time_limit=1e-9).verify(trained, x, y, 0.01)
     assert all(r.status == "unknown" and r.details["stage"] == "timeout" for r in results)
 

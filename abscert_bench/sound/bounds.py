@@ -38,12 +38,18 @@ from ..devices import module_device
 from ..lirpa import LIRPA_METHODS, bounded_input, margin_matrix
 from ..lirpa_compat import lirpa
 from .choices import PixelOptions
+from .forward import ForwardBounds
 
 #: A cheaper sound pre-pass: IBP bounds for every ReLU layer's input except the last, CROWN for the last
 #: and for the margins. On a conv net almost all of CROWN's cost is the intermediate bounds of the early,
 #: wide layers; this pass skips them and still decides most easy samples (MNIST DM_Small: ~2x faster).
 CROWN_LAST = "crown-last"
 QUICK_MIN_TRIED, QUICK_MIN_SHARE = 16, 0.05  # the cheap pre-pass is dropped once it decides < 5 % of 16+ samples
+#: How the bounds on the ReLU inputs are found: 'forward' (`forward.ForwardBounds`, over the moving input
+#: coordinates only), 'backward' (auto_LiRPA's CROWN for every layer), 'auto' (forward where the chain is
+#: supported and its 2k coefficient maps are fewer than the widest ReLU layer's neurons, CROWN's backward
+#: rows for that layer; backward otherwise). The margins always come from one CROWN backward pass.
+INTERMEDIATE_MODES = ("auto", "forward", "backward")
 
 
 class GapHullNetwork(nn.Module):
@@ -144,6 +150,7 @@ class DomainBounds:
     coeff_lower: np.ndarray | None
     coeff_upper: np.ndarray | None
     intermediate: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+    forward: bool = False  # the ReLU-input bounds came from the forward pass (`forward.ForwardBounds`)
 
     def intermediate_of(self, i: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]] | None:
         """Domain i's bounds on every ReLU layer's input (batch dimension of 1), or None."""
@@ -156,9 +163,11 @@ class HullBounder:
     """auto_LiRPA bounds over domain hulls for one trained AbsCert model; the BoundedModule is built once."""
 
     def __init__(self, trained, method: str = "crown", memory_mb: float = DEFAULT_MEMORY_MB,
-                 bound_opts: dict | None = None) -> None:
+                 bound_opts: dict | None = None, intermediate: str = "auto") -> None:
         if method not in LIRPA_METHODS and method != CROWN_LAST:
             raise ValueError(f"unknown bound method {method!r}")
+        if intermediate not in INTERMEDIATE_MODES:
+            raise ValueError(f"unknown intermediate-bound mode {intermediate!r}")
         self.method = method
         self.variant = trained.abstraction.variant
         self.num_classes = trained.num_classes
@@ -186,6 +195,20 @@ class HullBounder:
         self.quick_off = False
         self.relu_inputs = [node.inputs[0].name for node in self.bounded._modules.values()
                             if type(node).__name__ == "BoundRelu"]
+        self.intermediate = intermediate
+        self.forward = None if intermediate == "backward" else ForwardBounds.of(self.module)
+        if self.forward is not None and self.forward.relus != len(self.relu_inputs):
+            self.forward = None
+        if intermediate == "forward" and self.forward is None:
+            raise ValueError("forward intermediate bounds need a chain of Conv2d / Linear / BatchNorm / ReLU layers")
+        self.widest = max((int(np.prod(self.bounded[name].output_shape[1:])) for name in self.relu_inputs),
+                          default=0)
+
+    def use_forward(self, x_lo: torch.Tensor, x_hi: torch.Tensor) -> bool:
+        """Whether this box's ReLU-input bounds come from the forward pass (see INTERMEDIATE_MODES)."""
+        if self.forward is None:
+            return False
+        return self.intermediate == "forward" or 2 * ForwardBounds.variables(x_lo, x_hi) < self.widest
 
     def quick_useful(self) -> bool:
         """Whether the cheap pre-pass still pays on this network: it decides at least QUICK_MIN_SHARE of the
@@ -193,7 +216,7 @@ class HullBounder:
         (AbsCert DM_Small) it shortens the median even at an even mean pay-off, since the samples it decides skip
         the full bound (official DM_Small: median 24 ms with it, 49 ms without, same wall time); where it decides
         none (AbsCert DM_Medium, DM_Large: IBP intermediate bounds far too loose) it only costs."""
-        if self.quick_off:
+        if self.quick_off or self.forward is not None:  # forward root bounds are cheap themselves
             return False
         return self.quick_tried < QUICK_MIN_TRIED or self.quick_decided >= QUICK_MIN_SHARE * self.quick_tried
 
@@ -204,6 +227,20 @@ class HullBounder:
         self.bounded.compute_bounds(x=inputs, method="IBP", bound_upper=True)
         return {name: (self.bounded[name].lower.detach().clone(), self.bounded[name].upper.detach().clone())
                 for name in self.relu_inputs[:-1]}
+
+    def _forward_intermediate(self, x_lo, x_hi, fixed, reference) -> dict:
+        """Bounds on every ReLU input: `fixed` ones as given, the rest (up to the last one not fixed) by the
+        forward pass, intersected with `reference` where given."""
+        fixed, reference = fixed or {}, reference or {}
+        known = [fixed.get(name, reference.get(name)) for name in self.relu_inputs]
+        missing = [r for r, name in enumerate(self.relu_inputs) if name not in fixed]
+        computed = self.forward.relu_inputs(x_lo, x_hi, known, upto=missing[-1] + 1 if missing else 0,
+                                            check=self.planner.limits.check) if self.forward else []
+        bounds = dict(fixed)
+        for name, pair in zip(self.relu_inputs, computed):
+            if name not in fixed:
+                bounds[name] = pair
+        return bounds
 
     def network_input(self, lower: np.ndarray, upper: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Per-option values of the bounded module's two channel groups (float64)."""
@@ -216,16 +253,19 @@ class HullBounder:
         labels: torch.Tensor, method: str | None = None,
         fixed: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
         reference: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None, deadline: float | None = None,
+        intermediate: str | None = None,
     ) -> DomainBounds:
         """Bounds for n domains: domain i is sample `samples[i]` with option ranges first[i]..last[i] (n × P).
 
         `fixed`: bounds on ReLU inputs (batched like the domains) to use as they are instead of computing
         them — sound whenever each domain lies inside the domain they were computed for (a BaB parent).
         `reference`: such bounds used to tighten (and sparsify) freshly computed ones.
+        `intermediate="backward"` makes this call find the ReLU-input bounds by CROWN whatever the bounder's mode
+        (`DomainBounds.forward` says which way they were found).
         Raises BoundTimeout past `deadline` and OutOfMemoryBudget past the planner's budget (at a layer boundary).
         """
-        return self.planner.call(lambda: self._bound(options, samples, first, last, labels, method, fixed, reference),
-                                 len(samples), deadline)
+        return self.planner.call(lambda: self._bound(options, samples, first, last, labels, method, fixed, reference,
+                                                     intermediate), len(samples), deadline)
 
     def box(self, options: PixelOptions, samples: np.ndarray, first: np.ndarray, last: np.ndarray):
         """The bounded module's input box (x_lo, x_hi: n × 2C × H × W, on the engine's device) of n domains, and
@@ -254,7 +294,7 @@ class HullBounder:
         x_lo, x_hi, _ = self.box(options, samples, first, options.count - 1)
         return x_lo, x_hi
 
-    def _bound(self, options, samples, first, last, labels, method, fixed, reference) -> DomainBounds:
+    def _bound(self, options, samples, first, last, labels, method, fixed, reference, intermediate) -> DomainBounds:
         method = method or self.method
         n = len(samples)
         x_lo, x_hi, widths = self.box(options, samples, first, last)
@@ -266,6 +306,11 @@ class HullBounder:
             kwargs = {"return_A": True,
                       "needed_A_dict": {self.bounded.output_name[0]: [self.bounded.input_name[0]]}}
         with torch.no_grad() if method != "alpha-crown" else nullcontext():
+            forward = need_a and intermediate != "backward" and self.use_forward(x_lo, x_hi)
+            if forward:
+                kwargs["intermediate_layer_bounds"] = self._forward_intermediate(x_lo, x_hi, fixed, reference)
+                fixed = reference = None
+                method = "crown" if method == CROWN_LAST else method
             if method == CROWN_LAST:
                 kwargs["intermediate_layer_bounds"] = self._ibp_intermediate(inputs)
                 method = "crown"
@@ -288,15 +333,15 @@ class HullBounder:
                 x=inputs, C=spec, method=LIRPA_METHODS[method], bound_upper=False, **kwargs
             )
         margins = out[0].detach().cpu()
-        intermediate: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+        intermediate_bounds: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
         if method != "ibp":
-            intermediate = {}
+            intermediate_bounds = {}
             for name in self.relu_inputs:
                 node = self.bounded[name]
                 if getattr(node, "lower", None) is None or getattr(node, "upper", None) is None:
-                    intermediate = None
+                    intermediate_bounds = None
                     break
-                intermediate[name] = (node.lower.detach(), node.upper.detach())
+                intermediate_bounds[name] = (node.lower.detach(), node.upper.detach())
         if not need_a:
             return DomainBounds(margins, widths[0] + widths[1], None, None, None)
         a_matrix = out[2][self.bounded.output_name[0]][self.bounded.input_name[0]]["lA"].detach().cpu()
@@ -307,4 +352,4 @@ class HullBounder:
             coeff_lower, coeff_upper = a_worst[:, 0] - a_worst[:, 1], a_worst[:, 1]
         else:
             coeff_lower, coeff_upper = a_worst[:, 0], a_worst[:, 1]
-        return DomainBounds(margins, score, coeff_lower, coeff_upper, intermediate)
+        return DomainBounds(margins, score, coeff_lower, coeff_upper, intermediate_bounds, forward)

@@ -38,7 +38,7 @@ from ..budget import DEFAULT_MEMORY_MB, budget_stage, crown_batch_opts, within_b
 from ..devices import OnDevice
 from ..errors import UserError
 from ..sound.attack import discrete_attack
-from ..sound.bounds import CROWN_LAST, LIRPA_METHODS, HullBounder
+from ..sound.bounds import CROWN_LAST, INTERMEDIATE_MODES, LIRPA_METHODS, HullBounder
 from ..sound.choices import PixelOptions, reachable_options
 from ..sound.recheck import recheck_counterexample
 from ..sound.search import SearchOutcome, branch_and_bound, enumerate_domain
@@ -46,6 +46,7 @@ from .base import VERIFIERS, SampleResult, Verifier, clean_check
 
 QUICK_BATCH = 8  # most samples per batched pre-pass bound call (fewer when the memory budget says so)
 QUICK_TIME_SHARE = 0.25  # the pre-pass may use this share of its samples' time budgets, else it is dropped
+TIGHT_SHARE = 0.5  # where forward root bounds do not decide, CROWN's root bound may use this share of the time left
 
 
 def network_digest(network: torch.nn.Module) -> str:
@@ -68,7 +69,8 @@ class SoundVerifier(Verifier):
     networks where it decides too few samples), `memory_mb` (memory budget of one bound call, MiB: batch sizes
     are planned from it, a sample whose bound does not fit alone is `unknown`), `crown_batch` (0: off; N > 0:
     CROWN bounds an intermediate layer's unstable neurons N at a time — auto_LiRPA's batched CROWN, the same
-    bounds in less memory per step, so a wide network's bound fits the budget), `seed`.
+    bounds in less memory per step, so a wide network's bound fits the budget), `intermediate` ('auto',
+    'forward', 'backward': how the ReLU-input bounds are found, see `sound.bounds.INTERMEDIATE_MODES`), `seed`.
 
     Time and memory are limits, not failures: the per-sample `timeout` covers every stage including the root
     bound (auto_LiRPA is stopped at the next layer boundary), and a sample past it is `unknown` (stage
@@ -84,6 +86,7 @@ class SoundVerifier(Verifier):
         self, timeout: float = 10.0, bound_method: str = "crown", enumerate_limit: int = 256,
         attack: bool = True, attack_steps: int = 3, attack_restarts: int = 1, bab_batch: int = 32,
         fast_first: bool = True, memory_mb: float = DEFAULT_MEMORY_MB, crown_batch: int = 0, seed: int = 0,
+        intermediate: str = "auto",
     ) -> None:
         if not timeout > 0:
             raise UserError(f"abscert-sound: timeout must be > 0 seconds, got {timeout}")
@@ -94,6 +97,10 @@ class SoundVerifier(Verifier):
                             "attack_restarts >= 0 required")
         if not memory_mb > 0:
             raise UserError(f"abscert-sound: memory_mb must be > 0, got {memory_mb}")
+        if intermediate not in INTERMEDIATE_MODES:
+            raise UserError(f"abscert-sound: unknown intermediate {intermediate!r}; valid: "
+                            f"{', '.join(INTERMEDIATE_MODES)}")
+        self.intermediate = intermediate
         self.crown_opts = crown_batch_opts(self.name, crown_batch)
         self.memory_mb = float(memory_mb)
         self.timeout = float(timeout)
@@ -159,7 +166,7 @@ class SoundVerifier(Verifier):
         digest = network_digest(network)
         if self._engine is None or self._engine[0] is not network or self._engine[1] != digest:
             self._engine = (network, digest, HullBounder(trained, self.bound_method, self.memory_mb,
-                                                              self.crown_opts))
+                                                              self.crown_opts, self.intermediate))
         return self._engine[2]
 
     # -- the pipeline ----------------------------------------------------------------------------------
@@ -317,6 +324,20 @@ class _BatchRun:
             if bool((root.margins[0] > 0).all()):
                 self.decide(i, "verified", "bounds")
                 continue
+            if root.forward:  # the cheap bounds did not decide: CROWN's tighter ones, given part of the time
+                clock = time.perf_counter()
+                tight = within_budget(lambda: bounder.bound(  # noqa: B023
+                    options, np.array([i]), self.root_first(1), options.count[i][None] - 1,  # noqa: B023
+                    self.y[i:i + 1], reference=root.intermediate, intermediate="backward",  # noqa: B023
+                    deadline=clock + TIGHT_SHARE * max(0.0, v.timeout - self.seconds[i])))  # noqa: B023
+                self.charge(clock, [i], "bounds_s")
+                if isinstance(tight, BaseException):
+                    self.details[i]["tight_note"] = f"CROWN root bound stopped: {tight}"
+                else:
+                    root = tight
+                    if bool((root.margins[0] > 0).all()):
+                        self.decide(i, "verified", "bounds")
+                        continue
             self.details[i]["min_margin_lb"] = float(root.margins[0].min())
             clock = time.perf_counter()
             deadline = clock + max(0.0, v.timeout - self.seconds[i])

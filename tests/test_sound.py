@@ -49,6 +49,14 @@ def tiny_model(seed: int, variant: str, d: float, abs_eps: float = 0.0, kind: st
     elif kind == "conv2":  # two convolutions: the second one's bounds come from a CROWN pass over patches
         net = nn.Sequential(nn.Conv2d(2 * c, 4, 2, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 2), nn.ReLU(),
                             nn.Flatten(), nn.Linear(4 * h * w, CLASSES))
+    elif kind == "deep":  # BatchNorm and a dense tail: forward bounds' back-substitution through conv, BN, linear
+        net = nn.Sequential(nn.Conv2d(2 * c, 4, 2, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 2),
+                            nn.ReLU(), nn.Flatten(), nn.Linear(4 * h * w, 8), nn.BatchNorm1d(8), nn.ReLU(),
+                            nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, CLASSES))
+        for bn in (net[1], net[7]):
+            bn.running_mean.uniform_(-0.5, 0.5)
+            bn.running_var.uniform_(0.5, 2.0)
+            bn.weight.data.uniform_(-1.5, 1.5)
     else:
         net = Unfoldable(inputs)
     with torch.no_grad():
@@ -138,10 +146,16 @@ EXTRA_MODES = {
     "alpha": {"enumerate_limit": 0, "attack": False, "bound_method": "alpha-crown"},
     # auto_LiRPA's batched CROWN: intermediate layers' unstable neurons two at a time
     "batched": {"enumerate_limit": 0, "attack": False, "crown_batch": 2},
+    # ReLU-input bounds from forward linear bounds over the moving coordinates (sound.forward)
+    "forward": {"enumerate_limit": 0, "attack": False, "intermediate": "forward"},
+    "forward-alpha": {"enumerate_limit": 0, "attack": False, "intermediate": "forward", "bound_method": "alpha-crown"},
 }
 EXTRA = [CONFIGS[0] + ("ibp",), CONFIGS[1] + ("ibp",), CONFIGS[0] + ("alpha",), CONFIGS[4] + ("alpha",),
          CONFIGS[0] + ("batched",), ("point", 0.25, 0.08, 0.0, "conv2", "batched"), CONFIGS[2] + ("batched",),
          ("region", 0.25, 0.15, 0.05, "conv2", "batched")]
+EXTRA += [config + ("forward",) for config in CONFIGS if config[4] != "unfoldable"]
+EXTRA += [("point", 0.25, 0.08, 0.0, "deep", "forward"), ("region", 0.25, 0.15, 0.05, "deep", "forward"),
+          ("point", 0.2, 0.15, 0.0, "deep", "forward"), ("point", 0.25, 0.08, 0.0, "conv2", "forward-alpha")]
 
 
 @pytest.mark.parametrize("config", CONFIGS + EXTRA,
@@ -326,14 +340,75 @@ def test_batched_crown_gives_the_same_bounds(kind):
     options = reachable_options(trained.abstraction, x, eps)
     samples = np.arange(len(x))
     first, last = np.zeros_like(options.count), options.count - 1
-    plain = HullBounder(trained).bound(options, samples, first, last, y)
-    batched = HullBounder(trained, bound_opts={"crown_batch_size": 2})
+    plain = HullBounder(trained, intermediate="backward").bound(options, samples, first, last, y)
+    batched = HullBounder(trained, bound_opts={"crown_batch_size": 2}, intermediate="backward")
     calls = []
     original = batched.bounded.batched_backward
     object.__setattr__(batched.bounded, "batched_backward", lambda *a, **k: calls.append(1) or original(*a, **k))
     result = batched.bound(options, samples, first, last, y)
     assert calls, "the batched CROWN path was not taken"
     assert torch.allclose(result.margins, plain.margins, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind,variant,d,eps,abs_eps", [
+    ("deep", "point", 0.25, 0.08, 0.0), ("deep", "region", 0.25, 0.15, 0.05), ("fc", "point", 0.2, 0.15, 0.0),
+    ("conv2", "point", 0.3, 0.1, 0.0)])
+def test_forward_bounds_contain_every_vertex(kind, variant, d, eps, abs_eps):
+    """Forward ReLU-input bounds (with back-substitution) hold at every vertex of the hull — the abstract
+    inputs N really gets — on random option ranges; the first layer's are exact (an affine map of a box),
+    and with back-substitution they are never looser than without."""
+    from abscert_bench.sound import forward
+    from abscert_bench.sound.attack import abstract_batch
+
+    for seed in range(3):
+        trained = tiny_model(seed, variant, d, abs_eps, kind)
+        x, _ = labelled_batch(trained, eps, seed, n=4)
+        options = reachable_options(trained.abstraction, x, eps)
+        bounder = HullBounder(trained, intermediate="forward")
+        rng = np.random.default_rng(seed)
+        first = (rng.random(options.count.shape) * options.count).astype(np.int64)
+        last = np.minimum(first + (rng.random(options.count.shape) < 0.7), options.count - 1)
+        samples = np.arange(len(x))
+        x_lo, x_hi, _ = bounder.box(options, samples, first, last)
+        with torch.no_grad():
+            bounds = bounder.forward.relu_inputs(x_lo, x_hi, [None] * len(bounder.relu_inputs))
+            shallow = bounder.forward.relu_inputs(x_lo, x_hi, [None] * len(bounder.relu_inputs), depth=0)
+        assert len(bounds) == len(bounder.relu_inputs) >= 2
+        for (lo, hi), (lo0, hi0) in zip(bounds, shallow):
+            assert bool((lo >= lo0 - 1e-5).all() and (hi <= hi0 + 1e-5).all())
+        seen: list[list[torch.Tensor]] = [[] for _ in bounds]
+        for i in samples:
+            choices = np.stack([np.where(rng.random(first.shape[1]) < 0.5, first[i], last[i]) for _ in range(64)])
+            z = abstract_batch(options, np.full(64, i), choices)
+            c = z.shape[1] // 2
+            h = torch.cat([z[:, :c], z[:, c:] - z[:, :c]], 1) if variant == "point" else z
+            relu = 0
+            with torch.no_grad():
+                for layer in forward._layers(bounder.module):
+                    if isinstance(layer, nn.ReLU):
+                        lo, hi = bounds[relu]
+                        assert bool((h >= lo[i] - 1e-5).all() and (h <= hi[i] + 1e-5).all()), (seed, relu)
+                        seen[relu].append(torch.stack([h.min(0).values, h.max(0).values]))
+                        relu += 1
+                    h = layer(h)
+        # the first ReLU's input is an affine map of the box: its bounds are exact, as interval arithmetic's are
+        from abscert_bench.lirpa import bounded_input
+
+        with torch.no_grad():
+            bounder.bounded.compute_bounds(x=(bounded_input(x_lo, x_hi),), method="IBP")
+        node = bounder.bounded[bounder.relu_inputs[0]]
+        assert torch.allclose(bounds[0][0], node.lower, atol=1e-5) and torch.allclose(bounds[0][1], node.upper,
+                                                                                       atol=1e-5)
+        assert all(len(s) == len(samples) for s in seen)
+
+
+def test_forward_mode_needs_a_chain():
+    """intermediate='forward' on a network it cannot walk is an error; 'auto' falls back to CROWN."""
+    trained = tiny_model(0, "point", 0.3, kind="unfoldable")
+    with pytest.raises(ValueError):
+        HullBounder(trained, intermediate="forward")
+    assert HullBounder(trained).forward is None
+    assert HullBounder(tiny_model(0, "point", 0.2, kind="deep"), intermediate="backward").forward is None
 
 
 def test_bad_input():
@@ -361,7 +436,7 @@ def test_bad_input():
     with pytest.raises(UserError):
         verifier.verify(standard, x, y, 0.1)
     for options in ({"timeout": 0}, {"bound_method": "nope"}, {"enumerate_limit": -1}, {"crown_batch": -1},
-                    {"crown_batch": 1.5}, {"crown_batch": True}):
+                    {"crown_batch": 1.5}, {"crown_batch": True}, {"intermediate": "sideways"}):
         with pytest.raises(UserError):
             create_verifier("abscert-sound", **options)
 

@@ -201,14 +201,18 @@ class HullBounder:
             self.forward = None
         if intermediate == "forward" and self.forward is None:
             raise ValueError("forward intermediate bounds need a chain of Conv2d / Linear / BatchNorm / ReLU layers")
+        self.forward_on: bool | None = None  # decided by use_forward
         self.widest = max((int(np.prod(self.bounded[name].output_shape[1:])) for name in self.relu_inputs),
                           default=0)
 
     def use_forward(self, x_lo: torch.Tensor, x_hi: torch.Tensor) -> bool:
-        """Whether this box's ReLU-input bounds come from the forward pass (see INTERMEDIATE_MODES)."""
+        """Whether ReLU-input bounds come from the forward pass (see INTERMEDIATE_MODES). 'auto' decides on
+        the first box it sees and keeps to it (alpha-CROWN's saved slopes assume one kind of call)."""
         if self.forward is None:
             return False
-        return self.intermediate == "forward" or 2 * ForwardBounds.variables(x_lo, x_hi) < self.widest
+        if self.forward_on is None:
+            self.forward_on = self.intermediate == "forward" or 2 * ForwardBounds.variables(x_lo, x_hi) < self.widest
+        return self.forward_on
 
     def quick_useful(self) -> bool:
         """Whether the cheap pre-pass still pays on this network: it decides at least QUICK_MIN_SHARE of the
@@ -216,7 +220,7 @@ class HullBounder:
         (AbsCert DM_Small) it shortens the median even at an even mean pay-off, since the samples it decides skip
         the full bound (official DM_Small: median 24 ms with it, 49 ms without, same wall time); where it decides
         none (AbsCert DM_Medium, DM_Large: IBP intermediate bounds far too loose) it only costs."""
-        if self.quick_off or self.forward is not None:  # forward root bounds are cheap themselves
+        if self.quick_off or self.forward_on:  # forward root bounds are cheap themselves
             return False
         return self.quick_tried < QUICK_MIN_TRIED or self.quick_decided >= QUICK_MIN_SHARE * self.quick_tried
 

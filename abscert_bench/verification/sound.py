@@ -53,8 +53,8 @@ def network_digest(network: torch.nn.Module) -> str:
     """A content hash of a module's parameters and buffers (names, shapes, dtypes and exact values)."""
     digest = hashlib.blake2b(digest_size=16)
     for name, tensor in list(network.named_parameters()) + list(network.named_buffers()):
-        value = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}:{tuple(value.shape)}:{value.dtype};".encode())
+        value = tensor.detach().cpu().contiguous().reshape(-1)  # 0-dim buffers (BatchNorm counters) too
+        digest.update(f"{name}:{tuple(tensor.shape)}:{value.dtype};".encode())
         digest.update(value.view(torch.uint8).numpy().tobytes() if value.numel() else b"")
     return digest.hexdigest()
 
@@ -324,7 +324,9 @@ class _BatchRun:
             if bool((root.margins[0] > 0).all()):
                 self.decide(i, "verified", "bounds")
                 continue
-            if root.forward:  # the cheap bounds did not decide: CROWN's tighter ones, given part of the time
+            # the cheap bounds did not decide: CROWN's tighter ones, given part of the time (not for alpha-CROWN,
+            # whose saved slopes assume calls with given ReLU-input bounds from then on)
+            if root.forward and v.bound_method != "alpha-crown":
                 clock = time.perf_counter()
                 tight = within_budget(lambda: bounder.bound(  # noqa: B023
                     options, np.array([i]), self.root_first(1), options.count[i][None] - 1,  # noqa: B023

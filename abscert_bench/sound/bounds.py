@@ -38,7 +38,7 @@ from ..devices import module_device
 from ..lirpa import LIRPA_METHODS, bounded_input, margin_matrix
 from ..lirpa_compat import lirpa
 from .choices import PixelOptions
-from .forward import ForwardBounds
+from .forward import BACK_DEPTH, ForwardBounds
 
 #: A cheaper sound pre-pass: IBP bounds for every ReLU layer's input except the last, CROWN for the last
 #: and for the margins. On a conv net almost all of CROWN's cost is the intermediate bounds of the early,
@@ -243,8 +243,11 @@ class HullBounder:
         fixed, reference = fixed or {}, reference or {}
         known = [fixed.get(name, reference.get(name)) for name in self.relu_inputs]
         missing = [r for r, name in enumerate(self.relu_inputs) if name not in fixed]
+        # a BaB refresh (reference bounds given, from the parent) keeps to the plain forward pass: back-substitution
+        # for a whole batch of domains costs seconds, and the parent's bounds already hold the tightness
         computed = self.forward.relu_inputs(x_lo, x_hi, known, upto=missing[-1] + 1 if missing else 0,
-                                            check=self.planner.limits.check) if self.forward else []
+                                            check=self.planner.limits.check,
+                                            depth=0 if reference else BACK_DEPTH) if self.forward else []
         bounds = dict(fixed)
         for name, pair in zip(self.relu_inputs, computed):
             if name not in fixed:

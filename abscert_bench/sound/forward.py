@@ -181,7 +181,7 @@ class ForwardBounds:
             lower = torch.maximum(b_lo.flatten(1) + lin_lo.clamp(max=0).sum(1), ibp_lo.flatten(1))
             upper = torch.minimum(b_hi.flatten(1) + lin_hi.clamp(min=0).sum(1), ibp_hi.flatten(1))
             states[index] = (lin_lo, lin_hi, b_lo.flatten(1), b_hi.flatten(1))
-            earlier = list(bounds)[-depth:] if lower.shape[1] <= BACK_NEURONS else []
+            earlier = list(bounds)[max(0, len(bounds) - depth):] if depth and lower.shape[1] <= BACK_NEURONS else []
             while earlier and lower.shape[1] * states[earlier[0]][2].shape[1] > BACK_ELEMENTS:
                 earlier = earlier[1:]
             if earlier:

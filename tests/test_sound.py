@@ -350,6 +350,33 @@ def test_batched_crown_gives_the_same_bounds(kind):
     assert torch.allclose(result.margins, plain.margins, atol=1e-4, rtol=1e-5)
 
 
+def test_refused_crown_pass_falls_back_to_batched_crown(monkeypatch):
+    """A CROWN pass the memory budget refuses is run again with batched CROWN (FALLBACK_CROWN_BATCH neurons at
+    a time): same margins, the batched path ran, and the bounder is back to unbatched afterwards."""
+    from abscert_bench.budget import OutOfMemoryBudget
+    from abscert_bench.sound import bounds as bounds_module
+
+    monkeypatch.setattr(bounds_module, "FALLBACK_CROWN_BATCH", 2)
+    trained = tiny_model(5, "point", 0.25, kind="conv2")
+    x, y = labelled_batch(trained, 0.08, 5, n=3)
+    options = reachable_options(trained.abstraction, x, 0.08)
+    samples, first, last = np.arange(len(x)), np.zeros_like(options.count), options.count - 1
+    plain = HullBounder(trained, intermediate="backward").bound(options, samples, first, last, y)
+    bounder = HullBounder(trained, intermediate="backward")
+    original, batched_calls = bounder.bounded.compute_bounds, []
+
+    def refuse_unbatched(*args, **kwargs):
+        if not np.isfinite(bounder.bounded.bound_opts["crown_batch_size"]):
+            raise OutOfMemoryBudget("refused for the test")
+        batched_calls.append(1)
+        return original(*args, **kwargs)
+
+    object.__setattr__(bounder.bounded, "compute_bounds", refuse_unbatched)
+    result = bounder.bound(options, samples, first, last, y)
+    assert batched_calls and torch.allclose(result.margins, plain.margins, atol=1e-4, rtol=1e-5)
+    assert not bounder.batched and not np.isfinite(bounder.bounded.bound_opts["crown_batch_size"])
+
+
 @pytest.mark.parametrize("kind,variant,d,eps,abs_eps", [
     ("deep", "point", 0.25, 0.08, 0.0), ("deep", "region", 0.25, 0.15, 0.05), ("fc", "point", 0.2, 0.15, 0.0),
     ("conv2", "point", 0.3, 0.1, 0.0)])

@@ -33,12 +33,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..budget import DEFAULT_MEMORY_MB, BatchPlanner, guarded
+from ..budget import DEFAULT_MEMORY_MB, BatchPlanner, OutOfMemoryBudget, guarded
 from ..devices import module_device
 from ..lirpa import LIRPA_METHODS, bounded_input, margin_matrix
 from ..lirpa_compat import lirpa
 from .choices import PixelOptions
-from .forward import BACK_DEPTH, ForwardBounds
+from .forward import ForwardBounds
 
 #: A cheaper sound pre-pass: IBP bounds for every ReLU layer's input except the last, CROWN for the last
 #: and for the margins. On a conv net almost all of CROWN's cost is the intermediate bounds of the early,
@@ -54,6 +54,9 @@ QUICK_MIN_TRIED, QUICK_MIN_SHARE = 16, 0.05  # the cheap pre-pass is dropped onc
 #: forward bounds are ~8x faster (median 0.34 s vs 2.8 s, first 20 images, same verdicts).
 INTERMEDIATE_MODES = ("auto", "forward", "backward")
 FORWARD_MIN_RELUS = 4
+#: A CROWN pass the memory budget refuses is run again with auto_LiRPA's batched CROWN, this many unstable
+#: neurons of a layer at a time (the same bounds in a fraction of the memory; see `crown_batch`)
+FALLBACK_CROWN_BATCH = 2048
 
 
 class GapHullNetwork(nn.Module):
@@ -237,17 +240,14 @@ class HullBounder:
         return {name: (self.bounded[name].lower.detach().clone(), self.bounded[name].upper.detach().clone())
                 for name in self.relu_inputs[:-1]}
 
-    def _forward_intermediate(self, x_lo, x_hi, fixed, reference) -> dict:
+    def _forward_intermediate(self, x_lo, x_hi, fixed) -> dict:
         """Bounds on every ReLU input: `fixed` ones as given, the rest (up to the last one not fixed) by the
-        forward pass, intersected with `reference` where given."""
-        fixed, reference = fixed or {}, reference or {}
-        known = [fixed.get(name, reference.get(name)) for name in self.relu_inputs]
+        forward pass."""
+        fixed = fixed or {}
+        known = [fixed.get(name) for name in self.relu_inputs]
         missing = [r for r, name in enumerate(self.relu_inputs) if name not in fixed]
-        # a BaB refresh (reference bounds given, from the parent) keeps to the plain forward pass: back-substitution
-        # for a whole batch of domains costs seconds, and the parent's bounds already hold the tightness
         computed = self.forward.relu_inputs(x_lo, x_hi, known, upto=missing[-1] + 1 if missing else 0,
-                                            check=self.planner.limits.check,
-                                            depth=0 if reference else BACK_DEPTH) if self.forward else []
+                                            check=self.planner.limits.check) if self.forward else []
         bounds = dict(fixed)
         for name, pair in zip(self.relu_inputs, computed):
             if name not in fixed:
@@ -276,8 +276,22 @@ class HullBounder:
         (`DomainBounds.forward` says which way they were found).
         Raises BoundTimeout past `deadline` and OutOfMemoryBudget past the planner's budget (at a layer boundary).
         """
-        return self.planner.call(lambda: self._bound(options, samples, first, last, labels, method, fixed, reference,
-                                                     intermediate), len(samples), deadline)
+        def call():
+            return self.planner.call(lambda: self._bound(options, samples, first, last, labels, method, fixed,
+                                                         reference, intermediate), len(samples), deadline)
+
+        if self.batched or (method or self.method) == "ibp":
+            return call()
+        try:
+            return call()
+        except OutOfMemoryBudget:  # too big at once: the same bounds, a layer's unstable neurons a batch at a time
+            self.bounded.bound_opts["crown_batch_size"] = FALLBACK_CROWN_BATCH
+            self.batched = True
+            try:
+                return call()
+            finally:
+                self.bounded.bound_opts["crown_batch_size"] = np.inf
+                self.batched = False
 
     def box(self, options: PixelOptions, samples: np.ndarray, first: np.ndarray, last: np.ndarray):
         """The bounded module's input box (x_lo, x_hi: n × 2C × H × W, on the engine's device) of n domains, and
@@ -318,10 +332,12 @@ class HullBounder:
             kwargs = {"return_A": True,
                       "needed_A_dict": {self.bounded.output_name[0]: [self.bounded.input_name[0]]}}
         with torch.no_grad() if method != "alpha-crown" else nullcontext():
-            forward = need_a and intermediate != "backward" and self.use_forward(x_lo, x_hi)
+            # a BaB refresh (reference bounds from the parent) stays with CROWN: with the reference it bounds only
+            # the unstable neurons, so it is cheap, and it is what tightens a child's bounds beyond its parent's
+            forward = need_a and intermediate != "backward" and not reference and self.use_forward(x_lo, x_hi)
             if forward:
-                kwargs["intermediate_layer_bounds"] = self._forward_intermediate(x_lo, x_hi, fixed, reference)
-                fixed = reference = None
+                kwargs["intermediate_layer_bounds"] = self._forward_intermediate(x_lo, x_hi, fixed)
+                fixed = None
                 method = "crown" if method == CROWN_LAST else method
             if method == CROWN_LAST:
                 kwargs["intermediate_layer_bounds"] = self._ibp_intermediate(inputs)

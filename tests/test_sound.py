@@ -352,7 +352,8 @@ def test_batched_crown_gives_the_same_bounds(kind):
 
 def test_refused_crown_pass_falls_back_to_batched_crown(monkeypatch):
     """A CROWN pass the memory budget refuses is run again with batched CROWN (FALLBACK_CROWN_BATCH neurons at
-    a time): same margins, the batched path ran, and the bounder is back to unbatched afterwards."""
+    a time): same margins, the batched path ran; after a refused batch the bounder is back to unbatched, after a
+    refused single domain it stays batched."""
     from abscert_bench.budget import OutOfMemoryBudget
     from abscert_bench.sound import bounds as bounds_module
 
@@ -374,7 +375,10 @@ def test_refused_crown_pass_falls_back_to_batched_crown(monkeypatch):
     object.__setattr__(bounder.bounded, "compute_bounds", refuse_unbatched)
     result = bounder.bound(options, samples, first, last, y)
     assert batched_calls and torch.allclose(result.margins, plain.margins, atol=1e-4, rtol=1e-5)
-    assert not bounder.batched and not np.isfinite(bounder.bounded.bound_opts["crown_batch_size"])
+    assert not bounder.batched and not np.isfinite(bounder.bounded.bound_opts["crown_batch_size"])  # a batch of 3
+    single = bounder.bound(options, samples[:1], first[:1], last[:1], y[:1])  # one domain: batched from now on
+    assert torch.allclose(single.margins, plain.margins[:1], atol=1e-4, rtol=1e-5)
+    assert bounder.batched and bounder.bounded.bound_opts["crown_batch_size"] == 2
 
 
 @pytest.mark.parametrize("kind,variant,d,eps,abs_eps", [

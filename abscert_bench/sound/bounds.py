@@ -290,8 +290,9 @@ class HullBounder:
             try:
                 return call()
             finally:
-                self.bounded.bound_opts["crown_batch_size"] = np.inf
-                self.batched = False
+                if len(samples) > 1:  # a batch may fit smaller; one domain that did not fit never will: stay batched
+                    self.bounded.bound_opts["crown_batch_size"] = np.inf
+                    self.batched = False
 
     def box(self, options: PixelOptions, samples: np.ndarray, first: np.ndarray, last: np.ndarray):
         """The bounded module's input box (x_lo, x_hi: n × 2C × H × W, on the engine's device) of n domains, and

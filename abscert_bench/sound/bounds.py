@@ -49,9 +49,8 @@ QUICK_MIN_TRIED, QUICK_MIN_SHARE = 16, 0.05  # the cheap pre-pass is dropped onc
 #: coordinates only), 'backward' (auto_LiRPA's CROWN for every layer), 'auto' (forward where the chain is
 #: supported, has at least FORWARD_MIN_RELUS ReLU layers and its 2k coefficient maps are fewer than the
 #: widest ReLU layer's neurons, CROWN's backward rows for that layer; backward otherwise). The margins always
-#: come from one CROWN backward pass. Measured (MNIST, 2 cores): on DM_Small (3 ReLU layers) CROWN with the
-#: IBP pre-pass is faster (median 14.5 ms vs 22 ms, first 200 images, same verdicts); on DM_Medium (6) the
-#: forward bounds are ~8x faster (median 0.34 s vs 2.8 s, first 20 images, same verdicts).
+#: come from one CROWN backward pass. On MNIST DM_Small (3 ReLU layers) CROWN with the IBP pre-pass was the
+#: faster; on DM_Medium (6) the forward bounds are (results/sound-benchmark/table.md).
 INTERMEDIATE_MODES = ("auto", "forward", "backward")
 FORWARD_MIN_RELUS = 4
 #: A CROWN pass the memory budget refuses is run again with auto_LiRPA's batched CROWN, this many unstable

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.grad import conv2d_input
 
 #: coordinates at most this wide stay intervals (the gap channel's outward-rounded ~1e-8 boxes)
 VARIABLE_WIDTH = 1e-6
@@ -54,12 +55,12 @@ class Affine:
 
 
 def _affine(layer: nn.Module) -> Affine | None:
-    if isinstance(layer, nn.Conv2d) and layer.padding_mode == "zeros":
+    if isinstance(layer, nn.Conv2d) and layer.padding_mode == "zeros" and not isinstance(layer.padding, str):
         w, b = layer.weight, layer.bias
-        conv = dict(stride=layer.stride, padding=layer.padding, dilation=layer.dilation, groups=layer.groups)
-        return Affine(lambda x, bias: F.conv2d(x, w, b if bias else None, **conv),
-                      lambda x: F.conv2d(x, w.abs(), None, **conv),
-                      lambda lam, shape: torch.nn.grad.conv2d_input((len(lam), *shape), w, lam, **conv))
+        stride, padding, dilation, groups = layer.stride, layer.padding, layer.dilation, layer.groups
+        return Affine(lambda x, bias: F.conv2d(x, w, b if bias else None, stride, padding, dilation, groups),
+                      lambda x: F.conv2d(x, w.abs(), None, stride, padding, dilation, groups),
+                      lambda lam, shape: conv2d_input((len(lam), *shape), w, lam, stride, padding, dilation, groups))
     if isinstance(layer, nn.Linear):
         w, b = layer.weight, layer.bias
         return Affine(lambda x, bias: F.linear(x, w, b if bias else None), lambda x: F.linear(x, w.abs()),

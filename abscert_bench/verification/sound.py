@@ -328,9 +328,10 @@ class _BatchRun:
             # whose saved slopes assume calls with given ReLU-input bounds from then on)
             if root.forward and v.bound_method != "alpha-crown":
                 clock = time.perf_counter()
+                reference = root.intermediate
                 tight = within_budget(lambda: bounder.bound(  # noqa: B023
                     options, np.array([i]), self.root_first(1), options.count[i][None] - 1,  # noqa: B023
-                    self.y[i:i + 1], reference=root.intermediate, intermediate="backward",  # noqa: B023
+                    self.y[i:i + 1], reference=reference, intermediate="backward",  # noqa: B023
                     deadline=clock + TIGHT_SHARE * max(0.0, v.timeout - self.seconds[i])))  # noqa: B023
                 self.charge(clock, [i], "bounds_s")
                 if isinstance(tight, BaseException):

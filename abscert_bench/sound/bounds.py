@@ -245,8 +245,9 @@ class HullBounder:
         fixed = fixed or {}
         known = [fixed.get(name) for name in self.relu_inputs]
         missing = [r for r, name in enumerate(self.relu_inputs) if name not in fixed]
+        assert self.forward is not None  # only called where use_forward said so
         computed = self.forward.relu_inputs(x_lo, x_hi, known, upto=missing[-1] + 1 if missing else 0,
-                                            check=self.planner.limits.check) if self.forward else []
+                                            check=self.planner.limits.check)
         bounds = dict(fixed)
         for name, pair in zip(self.relu_inputs, computed):
             if name not in fixed:

@@ -128,8 +128,7 @@ class ForwardBounds:
     @staticmethod
     def variables(x_lo: torch.Tensor, x_hi: torch.Tensor) -> int:
         """The most input variables any of the n domains of this box has."""
-        wide = (x_hi - x_lo).flatten(1) > VARIABLE_WIDTH
-        return int(wide.sum(1).max()) if len(x_lo) else 0
+        return int(((x_hi - x_lo).flatten(1) > VARIABLE_WIDTH).sum(1).max()) if len(x_lo) else 0
 
     def relu_inputs(
         self, x_lo: torch.Tensor, x_hi: torch.Tensor, given: list[tuple[torch.Tensor, torch.Tensor] | None],
@@ -151,7 +150,7 @@ class ForwardBounds:
         n = len(x_lo)
         width = (x_hi - x_lo).flatten(1)
         wide = width > VARIABLE_WIDTH
-        k = max(1, int(wide.sum(1).max())) if n else 1
+        k = max(1, self.variables(x_lo, x_hi))
         # variable j of domain i is its j-th wide coordinate (padding variables have no coefficient)
         rank = torch.cumsum(wide.to(torch.int64), 1) - 1
         rows, coords = torch.nonzero(wide, as_tuple=True)

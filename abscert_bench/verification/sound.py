@@ -310,43 +310,40 @@ class _BatchRun:
             self.quick_stage(bounder, pending)
             pending = self.open()
         for i in pending:
-            clock = time.perf_counter()
-            deadline = clock + max(0.0, v.timeout - self.seconds[i])
-            # within_budget calls the lambda at once, inside this iteration
-            root = within_budget(lambda: bounder.bound(options, np.array([i]), self.root_first(1),  # noqa: B023
-                                                       options.count[i][None] - 1, self.y[i:i + 1],  # noqa: B023
-                                                       deadline=deadline))  # noqa: B023
-            self.charge(clock, [i], "bounds_s")
+            root = self.root_bound(bounder, i, 1.0)
             if isinstance(root, BaseException):
                 self.details[i]["note"] = f"root bound stopped: {root}"
                 self.decide(i, "unknown", budget_stage(root))
                 continue
-            if bool((root.margins[0] > 0).all()):
-                self.decide(i, "verified", "bounds")
-                continue
             # the cheap bounds did not decide: CROWN's tighter ones, given part of the time (not for alpha-CROWN,
             # whose saved slopes assume calls with given ReLU-input bounds from then on)
-            if root.forward and v.bound_method != "alpha-crown":
-                clock = time.perf_counter()
-                reference = root.intermediate
-                tight = within_budget(lambda: bounder.bound(  # noqa: B023
-                    options, np.array([i]), self.root_first(1), options.count[i][None] - 1,  # noqa: B023
-                    self.y[i:i + 1], reference=reference, intermediate="backward",  # noqa: B023
-                    deadline=clock + TIGHT_SHARE * max(0.0, v.timeout - self.seconds[i])))  # noqa: B023
-                self.charge(clock, [i], "bounds_s")
+            if not bool((root.margins[0] > 0).all()) and root.forward and v.bound_method != "alpha-crown":
+                tight = self.root_bound(bounder, i, TIGHT_SHARE, reference=root.intermediate, intermediate="backward")
                 if isinstance(tight, BaseException):
                     self.details[i]["tight_note"] = f"CROWN root bound stopped: {tight}"
                 else:
                     root = tight
-                    if bool((root.margins[0] > 0).all()):
-                        self.decide(i, "verified", "bounds")
-                        continue
+            if bool((root.margins[0] > 0).all()):
+                self.decide(i, "verified", "bounds")
+                continue
             self.details[i]["min_margin_lb"] = float(root.margins[0].min())
             clock = time.perf_counter()
             deadline = clock + max(0.0, v.timeout - self.seconds[i])
             self.conclude(i, branch_and_bound(bounder, self.network, options, i, int(self.y[i]), root,
                                               deadline, v.bab_batch, v.enumerate_limit))
             self.charge(clock, [i], "bab_s")
+
+    def root_bound(self, bounder: HullBounder, i: int, share: float, **options: Any):
+        """Sample i's bound over its whole hull within `share` of its time left (charged to bounds_s): DomainBounds,
+        or the budget exception that stopped it."""
+        clock = time.perf_counter()
+        deadline = clock + share * max(0.0, self.verifier.timeout - self.seconds[i])
+        opts = self.options
+        assert opts is not None
+        result = within_budget(lambda: bounder.bound(opts, np.array([i]), self.root_first(1), opts.count[i][None] - 1,
+                                                     self.y[i:i + 1], deadline=deadline, **options))
+        self.charge(clock, [i], "bounds_s")
+        return result
 
     def quick_stage(self, bounder: HullBounder, pending: list[int]) -> None:
         """The cheap pre-pass (IBP for all ReLU inputs but the last, CROWN after) in memory-planned batches.

@@ -56,6 +56,13 @@ FORWARD_MIN_RELUS = 4
 #: A CROWN pass the memory budget refuses is run again with auto_LiRPA's batched CROWN, this many unstable
 #: neurons of a layer at a time (the same bounds in a fraction of the memory; see `crown_batch`)
 FALLBACK_CROWN_BATCH = 2048
+#: On a chain with convolutional ReLU layers the forward pass can also tighten each conv layer's unstable neurons
+#: by CROWN over their receptive fields (`forward.ForwardBounds._window_back`: CROWN's bounds for those neurons,
+#: at a cost that grows with the unstable neurons). Measured (results/sound-benchmark/table.md): on AbsCert
+#: DM_Large the plain forward root never decides and the windowed one decides about half the samples; on DM_Medium
+#: the plain one decides most and the windows only add time. So a root bound tries the plain forward bounds first
+#: while they decide at least QUICK_MIN_SHARE of the first PLAIN_MIN_TRIED+ samples, then the windowed ones.
+PLAIN_MIN_TRIED = 2
 
 
 class GapHullNetwork(nn.Module):
@@ -208,6 +215,10 @@ class HullBounder:
         if intermediate == "forward" and self.forward is None:
             raise ValueError("forward intermediate bounds need a chain of Conv2d / Linear / BatchNorm / ReLU layers")
         self.forward_on: bool | None = None  # decided by use_forward
+        # forward bounds can use receptive-field windows where a ReLU layer is a C×H×W map
+        self.window_on = self.forward is not None and any(
+            len(self.bounded[name].output_shape) == 4 for name in self.relu_inputs)
+        self.plain_tried = self.plain_decided = 0
         self.widest = max((int(np.prod(self.bounded[name].output_shape[1:])) for name in self.relu_inputs),
                           default=0)
 
@@ -220,6 +231,11 @@ class HullBounder:
             self.forward_on = self.intermediate == "forward" or (
                 len(self.relu_inputs) >= FORWARD_MIN_RELUS and 2 * ForwardBounds.variables(x_lo, x_hi) < self.widest)
         return self.forward_on
+
+    def plain_useful(self) -> bool:
+        """Whether a root bound should try the forward bounds without windows first (see PLAIN_MIN_TRIED)."""
+        return self.window_on and (self.plain_tried < PLAIN_MIN_TRIED
+                                   or self.plain_decided >= QUICK_MIN_SHARE * self.plain_tried)
 
     def quick_useful(self) -> bool:
         """Whether the cheap pre-pass still pays on this network: it decides at least QUICK_MIN_SHARE of the
@@ -239,15 +255,15 @@ class HullBounder:
         return {name: (self.bounded[name].lower.detach().clone(), self.bounded[name].upper.detach().clone())
                 for name in self.relu_inputs[:-1]}
 
-    def _forward_intermediate(self, x_lo, x_hi, fixed) -> dict:
+    def _forward_intermediate(self, x_lo, x_hi, fixed, window: bool) -> dict:
         """Bounds on every ReLU input: `fixed` ones as given, the rest (up to the last one not fixed) by the
-        forward pass."""
+        forward pass (with receptive-field windows if `window`)."""
         fixed = fixed or {}
         known = [fixed.get(name) for name in self.relu_inputs]
         missing = [r for r, name in enumerate(self.relu_inputs) if name not in fixed]
         assert self.forward is not None  # only called where use_forward said so
         computed = self.forward.relu_inputs(x_lo, x_hi, known, upto=missing[-1] + 1 if missing else 0,
-                                            check=self.planner.limits.check)
+                                            check=self.planner.limits.check, window=window)
         bounds = dict(fixed)
         for name, pair in zip(self.relu_inputs, computed):
             if name not in fixed:
@@ -265,7 +281,7 @@ class HullBounder:
         labels: torch.Tensor, method: str | None = None,
         fixed: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
         reference: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None, deadline: float | None = None,
-        intermediate: str | None = None,
+        intermediate: str | None = None, window: bool | None = None,
     ) -> DomainBounds:
         """Bounds for n domains: domain i is sample `samples[i]` with option ranges first[i]..last[i] (n × P).
 
@@ -273,12 +289,12 @@ class HullBounder:
         them — sound whenever each domain lies inside the domain they were computed for (a BaB parent).
         `reference`: such bounds used to tighten (and sparsify) freshly computed ones.
         `intermediate="backward"` makes this call find the ReLU-input bounds by CROWN whatever the bounder's mode
-        (`DomainBounds.forward` says which way they were found).
+        (`DomainBounds.forward` says which way they were found); `window` overrides `window_on` for this call.
         Raises BoundTimeout past `deadline` and OutOfMemoryBudget past the planner's budget (at a layer boundary).
         """
         def call():
             return self.planner.call(lambda: self._bound(options, samples, first, last, labels, method, fixed,
-                                                         reference, intermediate), len(samples), deadline)
+                                                         reference, intermediate, window), len(samples), deadline)
 
         if self.batched or (method or self.method) == "ibp":
             return call()
@@ -321,7 +337,8 @@ class HullBounder:
         x_lo, x_hi, _ = self.box(options, samples, first, options.count - 1)
         return x_lo, x_hi
 
-    def _bound(self, options, samples, first, last, labels, method, fixed, reference, intermediate) -> DomainBounds:
+    def _bound(self, options, samples, first, last, labels, method, fixed, reference, intermediate,
+               window) -> DomainBounds:
         method = method or self.method
         n = len(samples)
         x_lo, x_hi, widths = self.box(options, samples, first, last)
@@ -337,7 +354,8 @@ class HullBounder:
             # the unstable neurons, so it is cheap, and it is what tightens a child's bounds beyond its parent's
             forward = need_a and intermediate != "backward" and not reference and self.use_forward(x_lo, x_hi)
             if forward:
-                kwargs["intermediate_layer_bounds"] = self._forward_intermediate(x_lo, x_hi, fixed)
+                kwargs["intermediate_layer_bounds"] = self._forward_intermediate(
+                    x_lo, x_hi, fixed, self.window_on if window is None else window)
                 fixed = None
                 method = "crown" if method == CROWN_LAST else method
             if method == CROWN_LAST:

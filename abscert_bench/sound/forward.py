@@ -16,6 +16,14 @@ has linear bounds  b_lo + A_lo·s <= z <= b_hi + A_hi·s,  propagated layer by l
   any given bounds and with interval bounds) straddle 0 gets CROWN's relaxation: upper u/(u − l)·(z − l),
   lower α·z with α = 1 if u >= −l else 0; a stable ReLU passes or zeroes its bounds.
 
+Forward bounds widen layer by layer through convolutions (on AbsCert DM_Large the margin bound is ~20x looser than
+CROWN's after five of them), so with `window` the unstable neurons of each convolutional ReLU layer are also
+bounded by CROWN back to the input box, each over its receptive field only (`_window_back`): a neuron of the fifth
+3×3 convolution depends on a 15×15 patch of the input, not on the whole 28×28 map, so its row of Λ is a window
+that grows by the kernel at each layer, and a row stops as soon as a cheap closure shows its neuron stable. That
+is CROWN's bound for those neurons (tested against auto_LiRPA's) at the cost of their receptive fields, not of
+whole layers.
+
 Every step is a sound over-approximation of the network on the box (the usual float32 arithmetic of linear
 bound propagation, as in auto_LiRPA). The result is the bounds on every ReLU input, which `HullBounder`
 hands to auto_LiRPA as intermediate bounds for one CROWN backward pass from the margins (which also gives the
@@ -40,6 +48,9 @@ BACK_DEPTH = 3
 BACK_NEURONS = 1024
 #: ... while its Λ (neurons × features at the closing layer, per domain) has at most this many entries
 BACK_ELEMENTS = 2**24
+#: a convolutional ReLU layer's unstable neurons are bounded by CROWN over their receptive fields
+#: (`ForwardBounds._window_back`), this many MiB of Λ rows at a time
+WINDOW_MB = 256
 
 
 @dataclass
@@ -47,20 +58,34 @@ class Affine:
     """One affine layer: `apply(x, bias)` = W·x (+ β when bias), `apply_abs(x)` = |W|·x.
 
     `back(Λ, in_shape)` = Λ·W for m rows Λ (m × output shape → m × in_shape), for the backward pass.
+    `window(Λ, top, left)` = the same for rows that are windows of a C×H×W map (m × C × a × b, row r's window
+    starting at (top[r], left[r])): (Λ·W on the input windows, their tops and lefts, Λ·β per row), for layers
+    that map each output position from a neighbourhood (convolution, BatchNorm2d, Identity); None otherwise.
     """
 
     apply: Callable[[torch.Tensor, bool], torch.Tensor]
     apply_abs: Callable[[torch.Tensor], torch.Tensor]
     back: Callable[[torch.Tensor, tuple[int, ...]], torch.Tensor]
+    window: Callable[[torch.Tensor, torch.Tensor, torch.Tensor],
+                     tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
 
 
 def _affine(layer: nn.Module) -> Affine | None:
     if isinstance(layer, nn.Conv2d) and layer.padding_mode == "zeros" and not isinstance(layer.padding, str):
         w, b = layer.weight, layer.bias
         stride, padding, dilation, groups = layer.stride, layer.padding, layer.dilation, layer.groups
+
+        def window(lam: torch.Tensor, top: torch.Tensor, left: torch.Tensor):
+            # output position p reads input positions p·stride - padding + i·dilation, i < kernel: a window of
+            # a output positions reads (a - 1)·stride + (kernel - 1)·dilation + 1 input positions
+            const = (lam.sum((2, 3)) * b).sum(1) if b is not None else lam.new_zeros(len(lam))
+            lam_in = F.conv_transpose2d(lam, w, None, stride, 0, 0, groups, dilation)
+            return lam_in, top * stride[0] - padding[0], left * stride[1] - padding[1], const
+
         return Affine(lambda x, bias: F.conv2d(x, w, b if bias else None, stride, padding, dilation, groups),
                       lambda x: F.conv2d(x, w.abs(), None, stride, padding, dilation, groups),
-                      lambda lam, shape: conv2d_input((len(lam), *shape), w, lam, stride, padding, dilation, groups))
+                      lambda lam, shape: conv2d_input((len(lam), *shape), w, lam, stride, padding, dilation, groups),
+                      window)
     if isinstance(layer, nn.Linear):
         w, b = layer.weight, layer.bias
         return Affine(lambda x, bias: F.linear(x, w, b if bias else None), lambda x: F.linear(x, w.abs()),
@@ -68,7 +93,8 @@ def _affine(layer: nn.Module) -> Affine | None:
     if isinstance(layer, nn.Flatten):
         return Affine(lambda x, bias: layer(x), layer, lambda lam, shape: lam.reshape(len(lam), *shape))
     if isinstance(layer, nn.Identity):
-        return Affine(lambda x, bias: x, lambda x: x, lambda lam, shape: lam)
+        return Affine(lambda x, bias: x, lambda x: x, lambda lam, shape: lam,
+                      lambda lam, top, left: (lam, top, left, lam.new_zeros(len(lam))))
     if isinstance(layer, (nn.BatchNorm1d, nn.BatchNorm2d)) and not layer.training \
             and layer.running_mean is not None and layer.running_var is not None:
         scale = torch.rsqrt(layer.running_var + layer.eps)
@@ -79,8 +105,12 @@ def _affine(layer: nn.Module) -> Affine | None:
         def shaped(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
             return t.view(1, -1, *([1] * (x.dim() - 2)))
 
+        def channel_window(lam: torch.Tensor, top: torch.Tensor, left: torch.Tensor):
+            return lam * shaped(scale, lam), top, left, (lam.sum((2, 3)) * shift).sum(1)
+
         return Affine(lambda x, bias: x * shaped(scale, x) + (shaped(shift, x) if bias else 0.0),
-                      lambda x: x * shaped(scale.abs(), x), lambda lam, shape: lam * shaped(scale, lam))
+                      lambda x: x * shaped(scale.abs(), x), lambda lam, shape: lam * shaped(scale, lam),
+                      channel_window if isinstance(layer, nn.BatchNorm2d) else None)
     return None
 
 
@@ -133,6 +163,7 @@ class ForwardBounds:
     def relu_inputs(
         self, x_lo: torch.Tensor, x_hi: torch.Tensor, given: list[tuple[torch.Tensor, torch.Tensor] | None],
         upto: int | None = None, check: Callable[[float], None] | None = None, depth: int = BACK_DEPTH,
+        window: bool = True,
     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Bounds (l, u) on the input of each of the first `upto` ReLUs (all by default) for n domains.
 
@@ -181,17 +212,26 @@ class ForwardBounds:
             lower = torch.maximum(b_lo.flatten(1) + lin_lo.clamp(max=0).sum(1), ibp_lo.flatten(1))
             upper = torch.minimum(b_hi.flatten(1) + lin_hi.clamp(min=0).sum(1), ibp_hi.flatten(1))
             states[index] = (lin_lo, lin_hi, b_lo.flatten(1), b_hi.flatten(1))
-            earlier = list(bounds)[max(0, len(bounds) - depth):] if depth and lower.shape[1] <= BACK_NEURONS else []
-            while earlier and lower.shape[1] * states[earlier[0]][2].shape[1] > BACK_ELEMENTS:
-                earlier = earlier[1:]
-            if earlier:
-                if check is not None:
-                    check(4 * 4 * n * lower.shape[1] * states[earlier[0]][2].shape[1] / 2**20)
-                back_lo, back_hi = self._back(index, earlier[0], lower.shape[1], shapes, states, bounds)
-                lower, upper = torch.maximum(lower, back_lo), torch.minimum(upper, back_hi)
             known = given[len(out)] if len(out) < len(given) else None
             if known is not None:
                 lower, upper = torch.maximum(lower, known[0].flatten(1)), torch.minimum(upper, known[1].flatten(1))
+            if window and self.windowed(index, shapes):
+                lower, upper = self._window_bounds(index, lower, upper, x_lo, x_hi, shapes, bounds, check)
+            # back-substitution for the unstable neurons only (r rows per domain: its unstable ones, then stable
+            # ones as padding, whose bounds are as sound)
+            unstable = (lower < 0) & (upper > 0)
+            r = int(unstable.sum(1).max()) if n else 0
+            earlier = list(bounds)[max(0, len(bounds) - depth):] if r and depth and lower.shape[1] <= BACK_NEURONS \
+                else []
+            while earlier and r * states[earlier[0]][2].shape[1] > BACK_ELEMENTS:
+                earlier = earlier[1:]
+            if earlier:
+                if check is not None:
+                    check(4 * 4 * n * r * states[earlier[0]][2].shape[1] / 2**20)
+                order = torch.argsort(unstable.to(torch.int8), dim=1, descending=True, stable=True)[:, :r]
+                back_lo, back_hi = self._back(index, earlier[0], order, lower.shape[1], shapes, states, bounds)
+                lower = lower.scatter(1, order, torch.maximum(lower.gather(1, order), back_lo))
+                upper = upper.scatter(1, order, torch.minimum(upper.gather(1, order), back_hi))
             upper = torch.maximum(upper, lower)  # an empty intersection (rounding) stays a valid interval
             out.append((lower.view(shape), upper.view(shape)))
             bounds[index] = (lower, upper)
@@ -203,16 +243,126 @@ class ForwardBounds:
             ibp_lo, ibp_hi = lower.clamp(min=0).view(shape), upper.clamp(min=0).view(shape)
         return out
 
-    def _back(self, index: int, close: int, neurons: int, shapes: list[tuple[int, ...]],
+    def windowed(self, index: int, shapes: list[tuple[int, ...]]) -> bool:
+        """Whether every step before `index` maps C×H×W maps by neighbourhoods (see `Affine.window`)."""
+        return all(len(shapes[p]) == 3 and (step is None or step.window is not None)
+                   for p, step in enumerate(self.steps[:index]))
+
+    def _window_bounds(self, index: int, lower: torch.Tensor, upper: torch.Tensor, x_lo: torch.Tensor,
+                       x_hi: torch.Tensor, shapes: list[tuple[int, ...]],
+                       bounds: dict[int, tuple[torch.Tensor, torch.Tensor]],
+                       check: Callable[[float], None] | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """`lower`, `upper` (n × neurons) of the ReLU input at step `index`, its unstable neurons tightened by
+        CROWN back to the input box (`_window_back`), WINDOW_MB of rows at a time."""
+        rows, neurons = torch.nonzero((lower < 0) & (upper > 0), as_tuple=True)
+        if not len(rows):
+            return lower, upper
+        _, h, w = shapes[index]
+        per_row = 4 * 6 * self._window_features(index, shapes, x_lo) / 2**20  # Λ lo/hi, their in-step copies, slopes
+        chunk = max(1, int(WINDOW_MB / per_row))
+        lower, upper = lower.clone(), upper.clone()
+        for start in range(0, len(rows), chunk):
+            if check is not None:
+                check(per_row * min(chunk, len(rows) - start))
+            d, j = rows[start:start + chunk], neurons[start:start + chunk]
+            lower[d, j], upper[d, j] = self._window_back(index, d, j // (h * w), j // w % h, j % w, lower[d, j],
+                                                         upper[d, j], x_lo, x_hi, shapes, bounds)
+        return lower, upper
+
+    def _window_features(self, index: int, shapes: list[tuple[int, ...]], like: torch.Tensor) -> int:
+        """The largest window (channels × height × width) one row of `_window_back` from step `index` reaches."""
+        lam = like.new_zeros(1, shapes[index][0], 1, 1)
+        top = left = torch.zeros(1, dtype=torch.int64, device=like.device)
+        largest = lam.numel()
+        for position in range(index - 1, -1, -1):
+            step = self.steps[position]
+            if step is not None:
+                assert step.window is not None  # `windowed` said so
+                lam, top, left, _ = step.window(lam, top, left)
+                lam, top, left = _fit(lam, top, left, shapes[position])
+            largest = max(largest, lam.numel())
+        return largest
+
+    def _window_back(self, index: int, d: torch.Tensor, c: torch.Tensor, y: torch.Tensor, x: torch.Tensor,
+                     lower: torch.Tensor, upper: torch.Tensor, x_lo: torch.Tensor, x_hi: torch.Tensor,
+                     shapes: list[tuple[int, ...]], bounds: dict[int, tuple[torch.Tensor, torch.Tensor]],
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Bounds `lower`, `upper` on neurons (c, y, x) of the ReLU input at step `index` of domains d, tightened by
+        CROWN back to the input box.
+
+        Row r of Λ is kept as a window of each layer: the positions that neuron r depends on (a convolution's
+        receptive field grows by its kernel at each layer), starting at (top[r], left[r]); positions outside the
+        map are the convolutions' zero padding and are masked out. Each ReLU step uses the relaxation of the
+        bounds already found for it, as a CROWN backward pass does, so a row that reaches the input gets CROWN's
+        bound at the cost of its receptive field instead of whole layers. Before each ReLU step the rows are also
+        closed with the interval bounds of that ReLU's output (cheap, and sound at any depth); a row whose bounds
+        so far show the neuron stable (lower >= 0 or upper <= 0) stops there, since a stable neuron's relaxation
+        is exact whatever its bounds — most of a deep layer's rows that the forward bounds leave unstable do.
+        """
+        m = len(d)
+        lower, upper = lower.clone(), upper.clone()
+        alive = torch.arange(m, device=d.device)
+        lam = torch.zeros(m, shapes[index][0], 1, 1, dtype=x_lo.dtype, device=x_lo.device)
+        lam[alive, c, 0, 0] = 1.0
+        lam_lo = lam_hi = lam
+        top, left = y.clone(), x.clone()
+        const_lo = torch.zeros(m, dtype=x_lo.dtype, device=x_lo.device)
+        const_hi = const_lo.clone()
+
+        def close(box_lo: torch.Tensor, box_hi: torch.Tensor, signs: tuple[torch.Tensor, ...]) -> None:
+            """Intersect the alive rows' bounds with Λ closed over the box of this layer (maps n × C × H × W);
+            `signs` = (Λ_lo⁺, Λ_lo⁻, Λ_hi⁺, Λ_hi⁻)."""
+            lo_win, hi_win = (_gather(t, d, top, left, *lam_lo.shape[2:]) for t in (box_lo, box_hi))
+            lo_pos, lo_neg, hi_pos, hi_neg = signs
+            lower[alive] = torch.maximum(lower[alive], const_lo + _dot(lo_pos, lo_win) + _dot(lo_neg, hi_win))
+            upper[alive] = torch.minimum(upper[alive], const_hi + _dot(hi_pos, hi_win) + _dot(hi_neg, lo_win))
+
+        relaxed = False
+        for position in range(index - 1, -1, -1):
+            step = self.steps[position]
+            if step is None:  # the lower bound takes a positive coefficient's lower relaxation, the upper its upper
+                signs: tuple[torch.Tensor, ...] = (lam_lo.clamp(min=0), lam_lo.clamp(max=0), lam_hi.clamp(min=0),
+                                                   lam_hi.clamp(max=0))
+                if relaxed:  # (one layer back, the box closure would only be the interval bound)
+                    below, above = (t.view(-1, *shapes[position]) for t in bounds[position])
+                    close(below.clamp(min=0), above.clamp(min=0), signs)
+                    keep = (lower[alive] < 0) & (upper[alive] > 0)
+                    if not bool(keep.all()):
+                        alive, d, top, left = alive[keep], d[keep], top[keep], left[keep]
+                        const_lo, const_hi = const_lo[keep], const_hi[keep]
+                        lam_lo, signs = lam_lo[keep], tuple(t[keep] for t in signs)
+                        if not len(alive):
+                            return lower, upper
+                lo_slope, up_slope, up_shift = (_gather(t.view(-1, *shapes[position]), d, top, left,
+                                                        *lam_lo.shape[2:]) for t in relaxation(*bounds[position]))
+                lo_pos, lo_neg, hi_pos, hi_neg = signs
+                relaxed = True
+                const_lo = const_lo + _dot(lo_neg, up_shift)
+                const_hi = const_hi + _dot(hi_pos, up_shift)
+                lam_lo = lo_pos * lo_slope + lo_neg * up_slope
+                lam_hi = hi_pos * up_slope + hi_neg * lo_slope
+                continue
+            assert step.window is not None  # `windowed` said so
+            lam_lo, new_top, new_left, add = step.window(lam_lo, top, left)
+            const_lo = const_lo + add
+            lam_hi, _, _, add = step.window(lam_hi, top, left)
+            const_hi = const_hi + add
+            lam_lo, _, _ = _fit(lam_lo, new_top, new_left, shapes[position])
+            lam_hi, top, left = _fit(lam_hi, new_top, new_left, shapes[position])
+        close(x_lo, x_hi, (lam_lo.clamp(min=0), lam_lo.clamp(max=0), lam_hi.clamp(min=0), lam_hi.clamp(max=0)))
+        return lower, upper
+
+    def _back(self, index: int, close: int, rows: torch.Tensor, neurons: int, shapes: list[tuple[int, ...]],
               states: dict[int, tuple[torch.Tensor, ...]], bounds: dict[int, tuple[torch.Tensor, torch.Tensor]],
               ) -> tuple[torch.Tensor, torch.Tensor]:
-        """CROWN bounds (n × neurons) on the input of the ReLU at step `index`: backward through the layers down
-        to the ReLU at step `close` (relaxed), closed with the forward linear bounds of that ReLU's input."""
+        """CROWN bounds (n × r) on neurons `rows` (n × r, of `neurons`) of the input of the ReLU at step `index`:
+        backward through the layers down to the ReLU at step `close` (relaxed), closed with the forward linear
+        bounds of that ReLU's input."""
         a_lo, a_hi, b_lo, b_hi = states[close]
-        n = len(b_lo)
-        eye = torch.eye(neurons, dtype=b_lo.dtype, device=b_lo.device).expand(n, neurons, neurons)
-        lam = {"lo": eye, "hi": eye}
-        const = {side: torch.zeros(n, neurons, dtype=b_lo.dtype, device=b_lo.device) for side in lam}
+        n, r = rows.shape
+        unit = F.one_hot(rows, neurons).to(b_lo.dtype)
+        lam = {"lo": unit, "hi": unit}
+        const = {side: torch.zeros(n, r, dtype=b_lo.dtype, device=b_lo.device) for side in lam}
         for position in range(index - 1, close - 1, -1):
             step = self.steps[position]
             if step is None:  # the lower bound takes a positive coefficient's lower relaxation, the upper its upper
@@ -231,8 +381,8 @@ class ForwardBounds:
             out_shape = shapes[position + 1]
             for side in lam:
                 const[side] = const[side] + (lam[side] * bias).sum(-1)
-                rows = lam[side].reshape(n * neurons, *out_shape)
-                lam[side] = step.back(rows, shapes[position]).reshape(n, neurons, -1)
+                flat = lam[side].reshape(n * r, *out_shape)
+                lam[side] = step.back(flat, shapes[position]).reshape(n, r, -1)
         pos, neg = lam["lo"].clamp(min=0), lam["lo"].clamp(max=0)
         lower = const["lo"] + (pos * b_lo[:, None]).sum(-1) + (neg * b_hi[:, None]).sum(-1) \
             + (pos @ a_lo.transpose(1, 2) + neg @ a_hi.transpose(1, 2)).clamp(max=0).sum(-1)
@@ -240,6 +390,38 @@ class ForwardBounds:
         upper = const["hi"] + (pos * b_hi[:, None]).sum(-1) + (neg * b_lo[:, None]).sum(-1) \
             + (pos @ a_hi.transpose(1, 2) + neg @ a_lo.transpose(1, 2)).clamp(min=0).sum(-1)
         return lower, upper
+
+
+def _gather(t: torch.Tensor, d: torch.Tensor, top: torch.Tensor, left: torch.Tensor, ah: int, aw: int) -> torch.Tensor:
+    """Windows of maps t (n × C × H × W): row r is t[d[r], :, top[r]:top[r] + ah, left[r]:left[r] + aw], with 0
+    where the window leaves the map."""
+    _, _, h, w = t.shape
+    pad_t, pad_b = max(0, -int(top.min())), max(0, int(top.max()) + ah - h)
+    pad_l, pad_r = max(0, -int(left.min())), max(0, int(left.max()) + aw - w)
+    padded = F.pad(t, (pad_l, pad_r, pad_t, pad_b))
+    # a view of every window (n × H' × W' × C × ah × aw, no copy); indexing it copies whole windows
+    windows = padded.unfold(2, ah, 1).unfold(3, aw, 1).permute(0, 2, 3, 1, 4, 5)
+    return windows[d, top + pad_t, left + pad_l]
+
+
+def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Row-wise dot products of m × … tensors (a batched matrix product, no m × … temporary)."""
+    return torch.bmm(a.reshape(len(a), 1, -1), b.reshape(len(b), -1, 1)).view(-1)
+
+
+def _fit(lam: torch.Tensor, top: torch.Tensor, left: torch.Tensor, shape: tuple[int, ...],
+         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Windows lam (m × C × a × b at top, left) of a C×H×W map with the positions off the map zeroed; a window
+    larger than the map becomes the whole map."""
+    _, h, w = shape
+    ah, aw = lam.shape[2:]
+    if ah > h or aw > w:  # re-cut as the whole map: window row r of the map is lam row r shifted by its corner
+        rows = torch.arange(len(lam), device=lam.device)
+        return _gather(lam, rows, -top, -left, h, w), torch.zeros_like(top), torch.zeros_like(left)
+    ys = top[:, None] + torch.arange(ah, device=lam.device)
+    xs = left[:, None] + torch.arange(aw, device=lam.device)
+    inside = ((ys >= 0) & (ys < h))[:, None, :, None] & ((xs >= 0) & (xs < w))[:, None, None, :]
+    return lam * inside, top, left
 
 
 def relaxation(lower: torch.Tensor, upper: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -310,14 +310,27 @@ class _BatchRun:
             self.quick_stage(bounder, pending)
             pending = self.open()
         for i in pending:
-            root = self.root_bound(bounder, i, 1.0)
+            plain = bounder.plain_useful()  # plain forward bounds first, receptive-field windows if they fail
+            root = self.root_bound(bounder, i, 1.0, **({"window": False} if plain else {}))
+            if plain and not isinstance(root, BaseException) and root.forward:
+                bounder.plain_tried += 1
+                if bool((root.margins[0] > 0).all()):
+                    bounder.plain_decided += 1
+                else:
+                    windowed = self.root_bound(bounder, i, 1.0, window=True)
+                    if isinstance(windowed, BaseException):
+                        self.details[i]["window_note"] = f"windowed root bound stopped: {windowed}"
+                    else:
+                        root = windowed
             if isinstance(root, BaseException):
                 self.details[i]["note"] = f"root bound stopped: {root}"
                 self.decide(i, "unknown", budget_stage(root))
                 continue
             # the cheap bounds did not decide: CROWN's tighter ones, given part of the time (not for alpha-CROWN,
-            # whose saved slopes assume calls with given ReLU-input bounds from then on)
-            if not bool((root.margins[0] > 0).all()) and root.forward and v.bound_method != "alpha-crown":
+            # whose saved slopes assume calls with given ReLU-input bounds from then on; not where the windows
+            # gave the conv layers CROWN's bounds already)
+            if not bool((root.margins[0] > 0).all()) and root.forward and not bounder.window_on \
+                    and v.bound_method != "alpha-crown":
                 tight = self.root_bound(bounder, i, TIGHT_SHARE, reference=root.intermediate, intermediate="backward")
                 if isinstance(tight, BaseException):
                     self.details[i]["tight_note"] = f"CROWN root bound stopped: {tight}"

@@ -16,13 +16,13 @@ has linear bounds  b_lo + A_lo·s <= z <= b_hi + A_hi·s,  propagated layer by l
   any given bounds and with interval bounds) straddle 0 gets CROWN's relaxation: upper u/(u − l)·(z − l),
   lower α·z with α = 1 if u >= −l else 0; a stable ReLU passes or zeroes its bounds.
 
-Forward bounds widen layer by layer through convolutions (on AbsCert DM_Large the margin bound is ~20x looser than
-CROWN's after five of them), so with `window` the unstable neurons of each convolutional ReLU layer are also
+Forward bounds widen layer by layer through convolutions (on AbsCert DM_Large, after five of them, far looser than
+CROWN's), so with `window` the unstable neurons of each convolutional ReLU layer are also
 bounded by CROWN back to the input box, each over its receptive field only (`_window_back`): a neuron of the fifth
 3×3 convolution depends on a 15×15 patch of the input, not on the whole 28×28 map, so its row of Λ is a window
-that grows by the kernel at each layer, and a row stops as soon as a cheap closure shows its neuron stable. That
-is CROWN's bound for those neurons (tested against auto_LiRPA's) at the cost of their receptive fields, not of
-whole layers.
+that grows by the kernel at each layer, and a row stops as soon as a cheap closure shows its neuron stable. A row
+that reaches the input gets CROWN's bound (never looser than auto_LiRPA's: tested) at the cost of its receptive
+field, not of whole layers.
 
 Every step is a sound over-approximation of the network on the box (the usual float32 arithmetic of linear
 bound propagation, as in auto_LiRPA). The result is the bounds on every ReLU input, which `HullBounder`

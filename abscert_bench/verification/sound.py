@@ -371,10 +371,11 @@ class _BatchRun:
             return bounder.bound(self.options, np.asarray(members), self.root_first(len(members)),
                                  self.options.count[members] - 1, self.y[members], method=CROWN_LAST)
 
+        options = self.options
+        assert options is not None
         if bounder.forward_on is None:  # decide the bound path first: the pre-pass is off where forward bounds are on
             first = pending[:1]
-            bounder.use_forward(*bounder.box(self.options, np.asarray(first), self.root_first(1),
-                                             self.options.count[first] - 1)[:2])
+            bounder.use_forward(*bounder.box(options, np.asarray(first), self.root_first(1), options.count[first] - 1)[:2])
         if not bounder.quick_useful():
             return
         clock = time.perf_counter()

@@ -375,7 +375,8 @@ class _BatchRun:
         assert options is not None
         if bounder.forward_on is None:  # decide the bound path first: the pre-pass is off where forward bounds are on
             first = pending[:1]
-            bounder.use_forward(*bounder.box(options, np.asarray(first), self.root_first(1), options.count[first] - 1)[:2])
+            x_lo, x_hi, _ = bounder.box(options, np.asarray(first), self.root_first(1), options.count[first] - 1)
+            bounder.use_forward(x_lo, x_hi)
         if not bounder.quick_useful():
             return
         clock = time.perf_counter()

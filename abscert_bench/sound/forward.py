@@ -51,6 +51,8 @@ BACK_ELEMENTS = 2**24
 #: a convolutional ReLU layer's unstable neurons are bounded by CROWN over their receptive fields
 #: (`ForwardBounds._window_back`), this many MiB of Λ rows at a time
 WINDOW_MB = 256
+#: an affine layer maps at most this many coefficient maps between two checks of the time and memory limits
+MAP_PART = 256
 
 
 @dataclass
@@ -201,7 +203,8 @@ class ForwardBounds:
             if check is not None:
                 check(4 * 2 * a_lo.numel() / 2**20)
             if step is not None:
-                a_c, a_r = step.apply((a_lo + a_hi) / 2, False), step.apply_abs((a_hi - a_lo) / 2)
+                a_c = _in_parts(step.apply, (a_lo + a_hi) / 2, check, False)
+                a_r = _in_parts(step.apply_abs, (a_hi - a_lo) / 2, check)
                 b_c, b_r = step.apply((b_lo + b_hi) / 2, True), step.apply_abs((b_hi - b_lo) / 2)
                 a_lo, a_hi, b_lo, b_hi = a_c - a_r, a_c + a_r, b_c - b_r, b_c + b_r
                 i_c, i_r = step.apply((ibp_lo + ibp_hi) / 2, True), step.apply_abs((ibp_hi - ibp_lo) / 2)
@@ -390,6 +393,19 @@ class ForwardBounds:
         upper = const["hi"] + (pos * b_hi[:, None]).sum(-1) + (neg * b_lo[:, None]).sum(-1) \
             + (pos @ a_hi.transpose(1, 2) + neg @ a_lo.transpose(1, 2)).clamp(min=0).sum(-1)
         return lower, upper
+
+
+def _in_parts(fn: Callable[..., torch.Tensor], maps: torch.Tensor, check: Callable[[float], None] | None,
+              *args: bool) -> torch.Tensor:
+    """fn(maps, *args) over the coefficient maps MAP_PART at a time, calling `check` between parts (a time limit
+    then stops a forward pass over many input variables within one layer)."""
+    if check is None or len(maps) <= MAP_PART:
+        return fn(maps, *args)
+    parts = []
+    for part in maps.split(MAP_PART):
+        check(0.0)
+        parts.append(fn(part, *args))
+    return torch.cat(parts)
 
 
 def _gather(t: torch.Tensor, d: torch.Tensor, top: torch.Tensor, left: torch.Tensor, ah: int, aw: int) -> torch.Tensor:

@@ -336,14 +336,11 @@ class ForwardBounds:
                         lam_lo, signs = lam_lo[keep], tuple(t[keep] for t in signs)
                         if not len(alive):
                             return lower, upper
-                lo_slope, up_slope, up_shift = (_gather(t.view(-1, *shapes[position]), d, top, left,
-                                                        *lam_lo.shape[2:]) for t in relaxation(*bounds[position]))
-                lo_pos, lo_neg, hi_pos, hi_neg = signs
+                slopes = tuple(_gather(t.view(-1, *shapes[position]), d, top, left, *lam_lo.shape[2:])
+                               for t in relaxation(*bounds[position]))
                 relaxed = True
-                const_lo = const_lo + _dot(lo_neg, up_shift)
-                const_hi = const_hi + _dot(hi_pos, up_shift)
-                lam_lo = lo_pos * lo_slope + lo_neg * up_slope
-                lam_hi = hi_pos * up_slope + hi_neg * lo_slope
+                lam_lo, lam_hi, add_lo, add_hi = _relax_back(signs, slopes, _dot)
+                const_lo, const_hi = const_lo + add_lo, const_hi + add_hi
                 continue
             assert step.window is not None  # `windowed` said so
             lam_lo, new_top, new_left, add = step.window(lam_lo, top, left)
@@ -369,15 +366,11 @@ class ForwardBounds:
         for position in range(index - 1, close - 1, -1):
             step = self.steps[position]
             if step is None:  # the lower bound takes a positive coefficient's lower relaxation, the upper its upper
-                lo_slope, up_slope, up_shift = (t[:, None] for t in relaxation(*bounds[position]))
-                for side in lam:
-                    pos, neg = lam[side].clamp(min=0), lam[side].clamp(max=0)
-                    if side == "lo":
-                        const[side] = const[side] + (neg * up_shift).sum(-1)
-                        lam[side] = pos * lo_slope + neg * up_slope
-                    else:
-                        const[side] = const[side] + (pos * up_shift).sum(-1)
-                        lam[side] = pos * up_slope + neg * lo_slope
+                signs = (lam["lo"].clamp(min=0), lam["lo"].clamp(max=0), lam["hi"].clamp(min=0),
+                         lam["hi"].clamp(max=0))
+                lam["lo"], lam["hi"], add_lo, add_hi = _relax_back(
+                    signs, tuple(t[:, None] for t in relaxation(*bounds[position])), lambda a, b: (a * b).sum(-1))
+                const["lo"], const["hi"] = const["lo"] + add_lo, const["hi"] + add_hi
                 continue
             bias = step.apply(torch.zeros(1, *shapes[position], dtype=b_lo.dtype, device=b_lo.device), True)
             bias = bias.flatten(1)[:, None]
@@ -393,6 +386,19 @@ class ForwardBounds:
         upper = const["hi"] + (pos * b_hi[:, None]).sum(-1) + (neg * b_lo[:, None]).sum(-1) \
             + (pos @ a_hi.transpose(1, 2) + neg @ a_lo.transpose(1, 2)).clamp(min=0).sum(-1)
         return lower, upper
+
+
+def _relax_back(signs: tuple[torch.Tensor, ...], slopes: tuple[torch.Tensor, ...],
+                dot: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One CROWN backward step through a ReLU for the lower and upper bound's Λ, given their signs
+    (Λ_lo⁺, Λ_lo⁻, Λ_hi⁺, Λ_hi⁻) and the relaxation (lower slope, upper slope, upper intercept): the lower bound
+    takes a positive coefficient's lower relaxation and a negative one's upper, the upper bound the reverse.
+    Returns Λ_lo, Λ_hi and the constants the upper intercept adds to each (`dot(Λ part, intercept)`)."""
+    lo_pos, lo_neg, hi_pos, hi_neg = signs
+    lo_slope, up_slope, up_shift = slopes
+    return (lo_pos * lo_slope + lo_neg * up_slope, hi_pos * up_slope + hi_neg * lo_slope,
+            dot(lo_neg, up_shift), dot(hi_pos, up_shift))
 
 
 def _in_parts(fn: Callable[..., torch.Tensor], maps: torch.Tensor, check: Callable[[float], None] | None,

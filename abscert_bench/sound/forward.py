@@ -232,9 +232,7 @@ class ForwardBounds:
                 if check is not None:
                     check(4 * 4 * n * r * states[earlier[0]][2].shape[1] / 2**20)
                 order = torch.argsort(unstable.to(torch.int8), dim=1, descending=True, stable=True)[:, :r]
-                back_lo, back_hi = self._back(index, earlier[0], order, lower.shape[1], shapes, states, bounds)
-                lower = lower.scatter(1, order, torch.maximum(lower.gather(1, order), back_lo))
-                upper = upper.scatter(1, order, torch.minimum(upper.gather(1, order), back_hi))
+                lower, upper = self._back(index, earlier[0], order, lower, upper, shapes, states, bounds)
             upper = torch.maximum(upper, lower)  # an empty intersection (rounding) stays a valid interval
             out.append((lower.view(shape), upper.view(shape)))
             bounds[index] = (lower, upper)
@@ -352,40 +350,63 @@ class ForwardBounds:
         close(x_lo, x_hi, (lam_lo.clamp(min=0), lam_lo.clamp(max=0), lam_hi.clamp(min=0), lam_hi.clamp(max=0)))
         return lower, upper
 
-    def _back(self, index: int, close: int, rows: torch.Tensor, neurons: int, shapes: list[tuple[int, ...]],
-              states: dict[int, tuple[torch.Tensor, ...]], bounds: dict[int, tuple[torch.Tensor, torch.Tensor]],
-              ) -> tuple[torch.Tensor, torch.Tensor]:
-        """CROWN bounds (n × r) on neurons `rows` (n × r, of `neurons`) of the input of the ReLU at step `index`:
-        backward through the layers down to the ReLU at step `close` (relaxed), closed with the forward linear
-        bounds of that ReLU's input."""
-        a_lo, a_hi, b_lo, b_hi = states[close]
+    def _back(self, index: int, close: int, rows: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor,
+              shapes: list[tuple[int, ...]], states: dict[int, tuple[torch.Tensor, ...]],
+              bounds: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Bounds `lower`, `upper` (n × neurons) of the input of the ReLU at step `index`, its neurons `rows` (n × r)
+        tightened by CROWN backward through the layers down to the ReLU at step `close`.
+
+        After each ReLU step back the rows are closed with the forward linear bounds of that ReLU's input (the
+        bound a back-substitution stopping there gives; a product with the k coefficient maps), and rows whose
+        neuron is then stable in every domain go no further — deeper steps cost more (wider layers)."""
         n, r = rows.shape
-        unit = F.one_hot(rows, neurons).to(b_lo.dtype)
+        lower, upper = lower.clone(), upper.clone()
+        unit = F.one_hot(rows, lower.shape[1]).to(lower.dtype)
         lam = {"lo": unit, "hi": unit}
-        const = {side: torch.zeros(n, r, dtype=b_lo.dtype, device=b_lo.device) for side in lam}
+        const = {side: torch.zeros(n, r, dtype=lower.dtype, device=lower.device) for side in lam}
         for position in range(index - 1, close - 1, -1):
             step = self.steps[position]
-            if step is None:  # the lower bound takes a positive coefficient's lower relaxation, the upper its upper
-                signs = (lam["lo"].clamp(min=0), lam["lo"].clamp(max=0), lam["hi"].clamp(min=0),
-                         lam["hi"].clamp(max=0))
-                lam["lo"], lam["hi"], add_lo, add_hi = _relax_back(
-                    signs, tuple(t[:, None] for t in relaxation(*bounds[position])), lambda a, b: (a * b).sum(-1))
+            if step is None:
+                lam["lo"], lam["hi"], add_lo, add_hi = _relax_columns(lam["lo"], lam["hi"], *bounds[position])
                 const["lo"], const["hi"] = const["lo"] + add_lo, const["hi"] + add_hi
+                row_lo, row_hi = _close(lam["lo"], lam["hi"], const["lo"], const["hi"], states[position])
+                lower.scatter_(1, rows, torch.maximum(lower.gather(1, rows), row_lo))
+                upper.scatter_(1, rows, torch.minimum(upper.gather(1, rows), row_hi))
+                going = ((lower.gather(1, rows) < 0) & (upper.gather(1, rows) > 0)).any(0)
+                if position == close or not bool(going.any()):
+                    break
+                if not bool(going.all()):
+                    rows, lam["lo"], lam["hi"] = rows[:, going], lam["lo"][:, going], lam["hi"][:, going]
+                    const["lo"], const["hi"] = const["lo"][:, going], const["hi"][:, going]
+                    r = int(going.sum())
                 continue
-            bias = step.apply(torch.zeros(1, *shapes[position], dtype=b_lo.dtype, device=b_lo.device), True)
-            bias = bias.flatten(1)[:, None]
+            bias = step.apply(torch.zeros(1, *shapes[position], dtype=lower.dtype, device=lower.device), True)
+            bias = bias.view(-1)
             out_shape = shapes[position + 1]
-            for side in lam:
-                const[side] = const[side] + (lam[side] * bias).sum(-1)
-                flat = lam[side].reshape(n * r, *out_shape)
+            same = lam["hi"] is lam["lo"]  # (until the first ReLU step back both sides carry the same Λ)
+            for side in ("lo",) if same else ("lo", "hi"):
+                flat = lam[side].reshape(n * r, -1)
+                if bool(bias.any()):  # (Flatten and bias-free layers add nothing)
+                    const[side] = const[side] + (flat @ bias).view(n, r)
+                flat = flat.view(n * r, *out_shape)
                 lam[side] = step.back(flat, shapes[position]).reshape(n, r, -1)
-        pos, neg = lam["lo"].clamp(min=0), lam["lo"].clamp(max=0)
-        lower = const["lo"] + (pos * b_lo[:, None]).sum(-1) + (neg * b_hi[:, None]).sum(-1) \
-            + (pos @ a_lo.transpose(1, 2) + neg @ a_hi.transpose(1, 2)).clamp(max=0).sum(-1)
-        pos, neg = lam["hi"].clamp(min=0), lam["hi"].clamp(max=0)
-        upper = const["hi"] + (pos * b_hi[:, None]).sum(-1) + (neg * b_lo[:, None]).sum(-1) \
-            + (pos @ a_hi.transpose(1, 2) + neg @ a_lo.transpose(1, 2)).clamp(min=0).sum(-1)
+            if same:
+                lam["hi"], const["hi"] = lam["lo"], const["lo"].clone()
         return lower, upper
+
+
+def _close(lam_lo: torch.Tensor, lam_hi: torch.Tensor, const_lo: torch.Tensor, const_hi: torch.Tensor,
+           state: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bounds (n × r) of const + Λ·z for rows Λ (n × r × F) over a layer's forward linear bounds
+    b_lo + A_lo·s <= z <= b_hi + A_hi·s (`state` = (A_lo, A_hi, b_lo, b_hi), A: n × k × F), s in the unit box:
+    one product per sign with [A | b]."""
+    a_lo, a_hi, b_lo, b_hi = state
+    k = a_lo.shape[1]
+    ab_lo, ab_hi = (torch.cat([a, b[:, None]], 1).transpose(1, 2) for a, b in ((a_lo, b_lo), (a_hi, b_hi)))
+    terms = lam_lo.clamp(min=0) @ ab_lo + lam_lo.clamp(max=0) @ ab_hi
+    lower = const_lo + terms[..., k] + terms[..., :k].clamp(max=0).sum(-1)
+    terms = lam_hi.clamp(min=0) @ ab_hi + lam_hi.clamp(max=0) @ ab_lo
+    return lower, const_hi + terms[..., k] + terms[..., :k].clamp(min=0).sum(-1)
 
 
 def _relax_back(signs: tuple[torch.Tensor, ...], slopes: tuple[torch.Tensor, ...],
@@ -399,6 +420,27 @@ def _relax_back(signs: tuple[torch.Tensor, ...], slopes: tuple[torch.Tensor, ...
     lo_slope, up_slope, up_shift = slopes
     return (lo_pos * lo_slope + lo_neg * up_slope, hi_pos * up_slope + hi_neg * lo_slope,
             dot(lo_neg, up_shift), dot(hi_pos, up_shift))
+
+
+def _relax_columns(lam_lo: torch.Tensor, lam_hi: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor,
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`_relax_back` for dense rows Λ (n × r × F) through a ReLU with input bounds `lower`, `upper` (n × F).
+
+    A stable neuron's relaxation is one slope for both bounds (1 or 0, no intercept), so its columns of Λ are
+    only scaled; the sign split runs on the columns unstable in some domain alone (most of a layer's neurons are
+    stable). The result is `_relax_back` on all columns (up to the float32 order of the intercept sums)."""
+    lo_slope, up_slope, up_shift = relaxation(lower, upper)
+    new_lo, new_hi = lam_lo * up_slope[:, None], lam_hi * up_slope[:, None]
+    cols = torch.nonzero(((lower < 0) & (upper > 0)).any(0)).view(-1)
+    if not len(cols):
+        zero = lam_lo.new_zeros(lam_lo.shape[:2])
+        return new_lo, new_hi, zero, zero.clone()
+    part_lo, part_hi = lam_lo.index_select(2, cols), lam_hi.index_select(2, cols)
+    signs = (part_lo.clamp(min=0), part_lo.clamp(max=0), part_hi.clamp(min=0), part_hi.clamp(max=0))
+    slopes = tuple(t.index_select(1, cols)[:, None] for t in (lo_slope, up_slope, up_shift))
+    part_lo, part_hi, add_lo, add_hi = _relax_back(signs, slopes, lambda a, b: (a * b).sum(-1))
+    new_lo[:, :, cols], new_hi[:, :, cols] = part_lo, part_hi
+    return new_lo, new_hi, add_lo, add_hi
 
 
 def _in_parts(fn: Callable[..., torch.Tensor], maps: torch.Tensor, check: Callable[[float], None] | None,

@@ -486,6 +486,43 @@ def test_window_back_substitution_is_crown():
         assert checked > 0
 
 
+def test_dense_back_substitution_after_windows_is_crown():
+    """After conv layers with windows, a dense layer's unstable neurons are back-substituted to the input: on every
+    neuron left unstable its bounds are at least as tight as auto_LiRPA's CROWN given the same earlier bounds, and
+    they hold on sampled inputs of the box."""
+    from abscert_bench.lirpa import bounded_input
+    from abscert_bench.lirpa_compat import lirpa
+    from abscert_bench.sound.forward import ForwardBounds
+
+    torch.manual_seed(1)
+    net = nn.Sequential(nn.Conv2d(2, 4, 3, 1, 1), nn.ReLU(), nn.Conv2d(4, 4, 4, 2, 1), nn.ReLU(),
+                        nn.Conv2d(4, 6, 3, 1, 1), nn.ReLU(), nn.Flatten(), nn.Linear(96, 40), nn.ReLU(),
+                        nn.Linear(40, 30), nn.ReLU(), nn.Linear(30, 3)).eval()
+    x = torch.rand(3, 2, 8, 8)
+    x_lo, x_hi = x - 0.08 * (torch.rand_like(x) > 0.3), x + 0.08 * (torch.rand_like(x) > 0.3)
+    chain = ForwardBounds.of(net)
+    assert chain is not None
+    relu_at = [i for i, layer in enumerate(net) if isinstance(layer, nn.ReLU)]
+    samples = x_lo + (x_hi - x_lo) * torch.rand(256, *x.shape)
+    checked = 0
+    with torch.no_grad():
+        bounds = chain.relu_inputs(x_lo, x_hi, [None] * 5)
+        for r in (3, 4):
+            sub = nn.Sequential(*list(net)[:relu_at[r]])
+            engine = lirpa().BoundedModule(sub, torch.zeros(1, 2, 8, 8))
+            names = [node.inputs[0].name for node in engine._modules.values() if type(node).__name__ == "BoundRelu"]
+            crown_lo, crown_hi = engine.compute_bounds(x=(bounded_input(x_lo, x_hi),), method="CROWN",
+                                                       intermediate_layer_bounds=dict(zip(names, bounds[:r])))
+            lo, hi = bounds[r]
+            unstable = (lo < 0) & (hi > 0)
+            checked += int(unstable.sum())
+            assert bool((lo[unstable] >= crown_lo[unstable] - 1e-5).all())
+            assert bool((hi[unstable] <= crown_hi[unstable] + 1e-5).all())
+            z = sub(samples.flatten(0, 1)).view(256, len(x), -1)
+            assert bool((z >= lo - 1e-5).all() and (z <= hi + 1e-5).all())
+    assert checked > 0
+
+
 def test_forward_mode_needs_a_chain():
     """intermediate='forward' on a network it cannot walk is an error; 'auto' falls back to CROWN."""
     trained = tiny_model(0, "point", 0.3, kind="unfoldable")

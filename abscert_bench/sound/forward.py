@@ -42,7 +42,10 @@ from torch.nn.grad import conv2d_input
 
 #: coordinates at most this wide stay intervals (the gap channel's outward-rounded ~1e-8 boxes)
 VARIABLE_WIDTH = 1e-6
-#: back-substitution of a ReLU input's bounds goes back through at most this many earlier ReLU layers ...
+#: back-substitution of a ReLU input's bounds goes back through at most this many earlier ReLU layers (to the
+#: input when earlier layers got receptive-field windows: their bounds are CROWN's then, and closing at their loose
+#: forward linear bounds would throw that away — AbsCert DM_Medium, official configuration: root margins of -7.4 at
+#: depth 3 are +1.3 at full depth, CROWN's own, for about 10 % more time) ...
 BACK_DEPTH = 3
 #: ... for layers of at most this many neurons (a wide convolution's back-substitution costs more than it wins)
 BACK_NEURONS = 1024
@@ -164,17 +167,17 @@ class ForwardBounds:
 
     def relu_inputs(
         self, x_lo: torch.Tensor, x_hi: torch.Tensor, given: list[tuple[torch.Tensor, torch.Tensor] | None],
-        upto: int | None = None, check: Callable[[float], None] | None = None, depth: int = BACK_DEPTH,
+        upto: int | None = None, check: Callable[[float], None] | None = None, depth: int | None = None,
         window: bool = True,
     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Bounds (l, u) on the input of each of the first `upto` ReLUs (all by default) for n domains.
 
         Each ReLU input's bounds are the forward ones, intersected with interval bounds and, where its Λ fits
-        (BACK_ELEMENTS), with a CROWN back-substitution through the last `depth` ReLU layers before it, closed
-        at the pre-activation there with that layer's forward linear bounds (Λ⁺·lower + Λ⁻·upper: a product
-        with the k coefficient maps). The back-substitution chooses each earlier ReLU's relaxation per output
-        neuron, which forward bounds cannot, and costs (neurons × features × k), not a backward pass to the
-        input.
+        (BACK_ELEMENTS), with a CROWN back-substitution through the last `depth` ReLU layers before it (default:
+        BACK_DEPTH, or to the input once a layer got windows), closed at the pre-activation there with that
+        layer's forward linear bounds (Λ⁺·lower + Λ⁻·upper: a product with the k coefficient maps) or at the input
+        box. The back-substitution chooses each earlier ReLU's relaxation per output neuron, which forward bounds
+        cannot, and costs (neurons × features × k), not a backward pass to the input.
 
         `given[r]`: sound bounds already known for ReLU r's input (or None); the result is intersected with
         them. `check(mb)` is called before each layer with an estimate of the memory it will allocate.
@@ -192,9 +195,11 @@ class ForwardBounds:
         a_lo = a_hi = a_lo.view(n * k, *x_lo.shape[1:])  # A_lo = A_hi until the first unstable ReLU
         b_lo, b_hi = x_lo, torch.where(wide.view_as(x_lo), x_lo, x_hi)  # a variable's bias is its lower end
         ibp_lo, ibp_hi = x_lo, x_hi
+        back_depth = BACK_DEPTH if depth is None else depth
         out: list[tuple[torch.Tensor, torch.Tensor]] = []
         shapes: list[tuple[int, ...]] = []  # each step's input shape
         states: dict[int, tuple[torch.Tensor, ...]] = {}  # ReLU step: (A_lo, A_hi, b_lo, b_hi) of its input
+        states[-1] = (a_lo.view(n, k, -1), a_lo.view(n, k, -1), b_lo.flatten(1), b_hi.flatten(1))  # (the input's)
         bounds: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # ReLU step: its input bounds
         for index, step in enumerate(self.steps):
             if len(out) == upto:
@@ -220,17 +225,19 @@ class ForwardBounds:
                 lower, upper = torch.maximum(lower, known[0].flatten(1)), torch.minimum(upper, known[1].flatten(1))
             if window and self.windowed(index, shapes):
                 lower, upper = self._window_bounds(index, lower, upper, x_lo, x_hi, shapes, bounds, check)
+                back_depth = self.relus if depth is None else depth
             # back-substitution for the unstable neurons only (r rows per domain: its unstable ones, then stable
             # ones as padding, whose bounds are as sound)
             unstable = (lower < 0) & (upper > 0)
             r = int(unstable.sum(1).max()) if n else 0
-            earlier = list(bounds)[max(0, len(bounds) - depth):] if r and depth and lower.shape[1] <= BACK_NEURONS \
-                else []
-            while earlier and r * states[earlier[0]][2].shape[1] > BACK_ELEMENTS:
+            # the closing layer: the ReLU `depth` ReLU layers back (-1: the input, when there are not that many)
+            earlier = [-1, *bounds][max(0, len(bounds) + 1 - back_depth - (back_depth > len(bounds))):] \
+                if r and back_depth and lower.shape[1] <= BACK_NEURONS else []
+            while earlier and r * _widest(shapes, earlier[0], index) > BACK_ELEMENTS:
                 earlier = earlier[1:]
             if earlier:
                 if check is not None:
-                    check(4 * 4 * n * r * states[earlier[0]][2].shape[1] / 2**20)
+                    check(4 * 4 * n * r * _widest(shapes, earlier[0], index) / 2**20)
                 order = torch.argsort(unstable.to(torch.int8), dim=1, descending=True, stable=True)[:, :r]
                 lower, upper = self._back(index, earlier[0], order, lower, upper, shapes, states, bounds)
             upper = torch.maximum(upper, lower)  # an empty intersection (rounding) stays a valid interval
@@ -369,30 +376,39 @@ class ForwardBounds:
             if step is None:
                 lam["lo"], lam["hi"], add_lo, add_hi = _relax_columns(lam["lo"], lam["hi"], *bounds[position])
                 const["lo"], const["hi"] = const["lo"] + add_lo, const["hi"] + add_hi
-                row_lo, row_hi = _close(lam["lo"], lam["hi"], const["lo"], const["hi"], states[position])
-                lower.scatter_(1, rows, torch.maximum(lower.gather(1, rows), row_lo))
-                upper.scatter_(1, rows, torch.minimum(upper.gather(1, rows), row_hi))
-                going = ((lower.gather(1, rows) < 0) & (upper.gather(1, rows) > 0)).any(0)
-                if position == close or not bool(going.any()):
-                    break
-                if not bool(going.all()):
-                    rows, lam["lo"], lam["hi"] = rows[:, going], lam["lo"][:, going], lam["hi"][:, going]
-                    const["lo"], const["hi"] = const["lo"][:, going], const["hi"][:, going]
-                    r = int(going.sum())
-                continue
-            bias = step.apply(torch.zeros(1, *shapes[position], dtype=lower.dtype, device=lower.device), True)
-            bias = bias.view(-1)
-            out_shape = shapes[position + 1]
-            same = lam["hi"] is lam["lo"]  # (until the first ReLU step back both sides carry the same Λ)
-            for side in ("lo",) if same else ("lo", "hi"):
-                flat = lam[side].reshape(n * r, -1)
-                if bool(bias.any()):  # (Flatten and bias-free layers add nothing)
-                    const[side] = const[side] + (flat @ bias).view(n, r)
-                flat = flat.view(n * r, *out_shape)
-                lam[side] = step.back(flat, shapes[position]).reshape(n, r, -1)
-            if same:
-                lam["hi"], const["hi"] = lam["lo"], const["lo"].clone()
+            else:
+                bias = step.apply(torch.zeros(1, *shapes[position], dtype=lower.dtype, device=lower.device), True)
+                bias = bias.view(-1)
+                out_shape = shapes[position + 1]
+                same = lam["hi"] is lam["lo"]  # (until the first ReLU step back both sides carry the same Λ)
+                for side in ("lo",) if same else ("lo", "hi"):
+                    flat = lam[side].reshape(n * r, -1)
+                    if bool(bias.any()):  # (Flatten and bias-free layers add nothing)
+                        const[side] = const[side] + (flat @ bias).view(n, r)
+                    flat = flat.view(n * r, *out_shape)
+                    lam[side] = step.back(flat, shapes[position]).reshape(n, r, -1)
+                if same:
+                    lam["hi"], const["hi"] = lam["lo"], const["lo"].clone()
+                if position > 0:
+                    continue
+            # at a ReLU's input, or at the network's input
+            row_lo, row_hi = _close(lam["lo"], lam["hi"], const["lo"], const["hi"], states[position if step is None else -1])
+            lower.scatter_(1, rows, torch.maximum(lower.gather(1, rows), row_lo))
+            upper.scatter_(1, rows, torch.minimum(upper.gather(1, rows), row_hi))
+            going = ((lower.gather(1, rows) < 0) & (upper.gather(1, rows) > 0)).any(0)
+            if position == max(close, 0) or not bool(going.any()):
+                break
+            if not bool(going.all()):
+                rows, lam["lo"], lam["hi"] = rows[:, going], lam["lo"][:, going], lam["hi"][:, going]
+                const["lo"], const["hi"] = const["lo"][:, going], const["hi"][:, going]
+                r = int(going.sum())
         return lower, upper
+
+
+def _widest(shapes: list[tuple[int, ...]], close: int, index: int) -> int:
+    """The most features a back-substitution row has between step `index` and the ReLU at step `close` (-1: the
+    input)."""
+    return max(int(torch.Size(shapes[p]).numel()) for p in range(max(close, 0), index))
 
 
 def _close(lam_lo: torch.Tensor, lam_hi: torch.Tensor, const_lo: torch.Tensor, const_hi: torch.Tensor,

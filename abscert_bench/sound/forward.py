@@ -392,7 +392,8 @@ class ForwardBounds:
                 if position > 0:
                     continue
             # at a ReLU's input, or at the network's input
-            row_lo, row_hi = _close(lam["lo"], lam["hi"], const["lo"], const["hi"], states[position if step is None else -1])
+            state = states[position if step is None else -1]
+            row_lo, row_hi = _close(lam["lo"], lam["hi"], const["lo"], const["hi"], state)
             lower.scatter_(1, rows, torch.maximum(lower.gather(1, rows), row_lo))
             upper.scatter_(1, rows, torch.minimum(upper.gather(1, rows), row_hi))
             going = ((lower.gather(1, rows) < 0) & (upper.gather(1, rows) > 0)).any(0)

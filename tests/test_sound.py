@@ -330,6 +330,35 @@ def test_timeout_gives_unknown():
         assert result.details["stage"] == "timeout"
 
 
+def test_bab_stopped_inside_a_bound_call_reports_its_branches():
+    """A search whose time runs out inside a bound call is `unknown` (stage timeout) with the domains it had made."""
+    from abscert_bench.budget import BoundTimeout
+    from abscert_bench.sound.search import branch_and_bound
+
+    trained = tiny_model(2, "point", 0.2, kind="fc")
+    x = torch.full((1, *SHAPE), 0.5)  # every pixel a choice pixel
+    with torch.no_grad():
+        y = trained.classifier()(x).argmax(1)
+    options = reachable_options(trained.abstraction, x, 0.15)
+    bounder = HullBounder(trained, method="ibp")
+    calls = []
+    real = bounder.bound
+
+    def bound(*args, **kwargs):
+        calls.append(len(args[1]))
+        if len(calls) > 2:
+            raise BoundTimeout("stopped inside the call")
+        result = real(*args, **kwargs)
+        result.margins = result.margins.clamp(max=-1.0)  # nothing verifies: the search has to go on
+        return result
+
+    bounder.bound = bound
+    outcome = branch_and_bound(bounder, trained.network, options, 0, int(y[0]), None, float("inf"),
+                               batch=4, enumerate_limit=1)
+    assert outcome.status == "unknown" and outcome.stage == "timeout"
+    assert outcome.branches == sum(calls[1:]) > 0
+
+
 @pytest.mark.parametrize("kind", ["fc", "conv2"])
 def test_batched_crown_gives_the_same_bounds(kind):
     """crown_batch > 0 bounds the intermediate layers' unstable neurons a few at a time (auto_LiRPA's batched

@@ -117,15 +117,17 @@ def branch_and_bound(
     its parent's), so a child costs one backward pass for the margins instead of a full CROWN run; every
     `refresh_every` splits a domain's ReLU-input bounds are recomputed, tightened by the parent's.
     """
+    effort = [0]  # domains bounded so far, also when a bound call is stopped by a limit
     outcome = within_budget(lambda: _branch_and_bound(bounder, network, options, sample, label, root, deadline,
-                                                      batch, enumerate_limit, refresh_every))
+                                                      batch, enumerate_limit, refresh_every, effort))
     if isinstance(outcome, BaseException):
-        return SearchOutcome("unknown", stage=budget_stage(outcome), notes={"stopped": str(outcome)})
+        return SearchOutcome("unknown", branches=effort[0], stage=budget_stage(outcome),
+                             notes={"stopped": str(outcome)})
     return outcome
 
 
 def _branch_and_bound(bounder, network, options, sample, label, root, deadline, batch, enumerate_limit,
-                      refresh_every) -> SearchOutcome:
+                      refresh_every, effort: list[int]) -> SearchOutcome:
     labels = torch.tensor([label])
     first0 = np.zeros(options.count.shape[1], dtype=np.int64)
     last0 = options.count[sample] - 1
@@ -161,6 +163,7 @@ def _branch_and_bound(bounder, network, options, sample, label, root, deadline, 
         if not children:
             continue
         branches += len(children)
+        effort[0] = branches
         refresh = [c for c in children if c[0].age + 1 >= refresh_every or c[0].intermediate is None]
         cheap = [c for c in children if not (c[0].age + 1 >= refresh_every or c[0].intermediate is None)]
         for group, is_refresh in ((cheap, False), (refresh, True)):

@@ -229,9 +229,10 @@ class ForwardBounds:
             # ones as padding, whose bounds are as sound)
             unstable = (lower < 0) & (upper > 0)
             r = int(unstable.sum(1).max()) if n else 0
-            # the closing layer: the ReLU `depth` ReLU layers back (-1: the input, when there are not that many)
-            earlier = [-1, *bounds][max(0, len(bounds) + 1 - back_depth - (back_depth > len(bounds))):] \
-                if r and back_depth and lower.shape[1] <= BACK_NEURONS else []
+            # the closing layer: the ReLU `back_depth` ReLU layers back, or the input (-1) when there are fewer
+            earlier = [-1, *bounds] if back_depth > len(bounds) else list(bounds)[len(bounds) - back_depth:]
+            if not (r and back_depth and lower.shape[1] <= BACK_NEURONS):
+                earlier = []
             while earlier and r * _widest(shapes, earlier[0], index) > BACK_ELEMENTS:
                 earlier = earlier[1:]
             if earlier:

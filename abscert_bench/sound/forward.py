@@ -366,13 +366,13 @@ class ForwardBounds:
         After each ReLU step back the rows are closed with the forward linear bounds of that ReLU's input (the
         bound a back-substitution stopping there gives; a product with the k coefficient maps), and rows whose
         neuron is then stable in every domain go no further — deeper steps cost more (wider layers)."""
-        n, r = rows.shape
         lower, upper = lower.clone(), upper.clone()
         unit = F.one_hot(rows, lower.shape[1]).to(lower.dtype)
         lam = {"lo": unit, "hi": unit}
-        const = {side: torch.zeros(n, r, dtype=lower.dtype, device=lower.device) for side in lam}
+        const = {side: torch.zeros(*rows.shape, dtype=lower.dtype, device=lower.device) for side in lam}
         for position in range(index - 1, close - 1, -1):
             step = self.steps[position]
+            n, r = rows.shape
             if step is None:
                 lam["lo"], lam["hi"], add_lo, add_hi = _relax_columns(lam["lo"], lam["hi"], *bounds[position])
                 const["lo"], const["hi"] = const["lo"] + add_lo, const["hi"] + add_hi
@@ -402,7 +402,6 @@ class ForwardBounds:
             if not bool(going.all()):
                 rows, lam["lo"], lam["hi"] = rows[:, going], lam["lo"][:, going], lam["hi"][:, going]
                 const["lo"], const["hi"] = const["lo"][:, going], const["hi"][:, going]
-                r = int(going.sum())
         return lower, upper
 
 

@@ -39,20 +39,22 @@ def _number(kind: Callable[[str], Any], text: str) -> Any:
     return value
 
 
+def _within(kind: Callable[[str], Any], text: str, ok: Callable[[Any], bool], message: str) -> Any:
+    """`text` as a finite `kind` for which `ok` holds, else an argparse error `message` (formatted with the value)."""
+    value = _number(kind, text)
+    if not ok(value):
+        raise argparse.ArgumentTypeError(message.format(value))
+    return value
+
+
 def positive_int(text: str) -> int:
     """An integer >= 1."""
-    value = _number(int, text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+    return _within(int, text, lambda v: v >= 1, "must be >= 1, got {}")
 
 
 def nonneg_int(text: str) -> int:
     """An integer >= 0."""
-    value = _number(int, text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
+    return _within(int, text, lambda v: v >= 0, "must be >= 0, got {}")
 
 
 def finite_float(text: str) -> float:
@@ -62,26 +64,17 @@ def finite_float(text: str) -> float:
 
 def positive_float(text: str) -> float:
     """A finite float > 0."""
-    value = _number(float, text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {value:g}")
-    return value
+    return _within(float, text, lambda v: v > 0, "must be > 0, got {:g}")
 
 
 def nonneg_float(text: str) -> float:
     """A finite float >= 0."""
-    value = _number(float, text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value:g}")
-    return value
+    return _within(float, text, lambda v: v >= 0, "must be >= 0, got {:g}")
 
 
 def unit_float(text: str) -> float:
     """A float in [0, 1]."""
-    value = _number(float, text)
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {value:g}")
-    return value
+    return _within(float, text, lambda v: 0 <= v <= 1, "must be in [0, 1], got {:g}")
 
 
 DEVICE_RE = re.compile(r"^(cpu|mps|cuda(:\d+)?)$")

@@ -149,6 +149,8 @@ EXTRA_MODES = {
     # ReLU-input bounds from forward linear bounds over the moving coordinates (sound.forward)
     "forward": {"enumerate_limit": 0, "attack": False, "intermediate": "forward"},
     "forward-alpha": {"enumerate_limit": 0, "attack": False, "intermediate": "forward", "bound_method": "alpha-crown"},
+    # branch and bound's refreshes by CROWN of the parent's unstable neurons (`ForwardBounds.refreshed`)
+    "windows-refresh": {"enumerate_limit": 0, "attack": False, "bab_refresh": "windows"},
 }
 EXTRA = [CONFIGS[0] + ("ibp",), CONFIGS[1] + ("ibp",), CONFIGS[0] + ("alpha",), CONFIGS[4] + ("alpha",),
          CONFIGS[0] + ("batched",), ("point", 0.25, 0.08, 0.0, "conv2", "batched"), CONFIGS[2] + ("batched",),
@@ -156,6 +158,8 @@ EXTRA = [CONFIGS[0] + ("ibp",), CONFIGS[1] + ("ibp",), CONFIGS[0] + ("alpha",), 
 EXTRA += [config + ("forward",) for config in CONFIGS if config[4] != "unfoldable"]
 EXTRA += [("point", 0.25, 0.08, 0.0, "deep", "forward"), ("region", 0.25, 0.15, 0.05, "deep", "forward"),
           ("point", 0.2, 0.15, 0.0, "deep", "forward"), ("point", 0.25, 0.08, 0.0, "conv2", "forward-alpha")]
+EXTRA += [("point", 0.25, 0.08, 0.0, "conv2", "windows-refresh"), ("point", 0.2, 0.15, 0.0, "deep", "windows-refresh"),
+          ("region", 0.25, 0.15, 0.05, "deep", "windows-refresh")]
 
 
 @pytest.mark.parametrize("config", CONFIGS + EXTRA,
@@ -549,6 +553,48 @@ def test_dense_back_substitution_after_windows_is_crown():
             assert bool((hi[unstable] <= crown_hi[unstable] + 1e-5).all())
             z = sub(samples.flatten(0, 1)).view(256, len(x), -1)
             assert bool((z >= lo - 1e-5).all() and (z <= hi + 1e-5).all())
+    assert checked > 0
+
+
+def test_refreshed_bounds_are_crown_of_the_parents_unstable_neurons():
+    """`ForwardBounds.refreshed` (branch and bound's 'windows' refresh) on a child box with its parent's bounds: inside
+    the parent's bounds, at least as tight as auto_LiRPA's CROWN given the same earlier bounds on every neuron it
+    leaves unstable, and sound on sampled inputs of the child box."""
+    from abscert_bench.lirpa import bounded_input
+    from abscert_bench.lirpa_compat import lirpa
+    from abscert_bench.sound.forward import ForwardBounds
+
+    torch.manual_seed(2)
+    net = nn.Sequential(nn.Conv2d(2, 4, 3, 1, 1), nn.ReLU(), nn.Conv2d(4, 5, 4, 2, 1), nn.ReLU(), nn.Flatten(),
+                        nn.Linear(80, 30), nn.ReLU(), nn.Linear(30, 20), nn.ReLU(), nn.Linear(20, 3)).eval()
+    x = torch.rand(3, 2, 8, 8)
+    x_lo, x_hi = x - 0.1 * (torch.rand_like(x) > 0.3), x + 0.1 * (torch.rand_like(x) > 0.3)
+    child_hi = torch.where(torch.rand_like(x) > 0.5, (x_lo + x_hi) / 2, x_hi)  # a child: some coordinates halved
+    chain = ForwardBounds.of(net)
+    assert chain is not None
+    relu_at = [i for i, layer in enumerate(net) if isinstance(layer, nn.ReLU)]
+    samples = x_lo + (child_hi - x_lo) * torch.rand(256, *x.shape)
+    checked = 0
+    with torch.no_grad():
+        parent = chain.relu_inputs(x_lo, x_hi, [None] * 4, window=False)
+        bounds = chain.refreshed(x_lo, child_hi, parent)
+        assert bounds is not None
+        for r in range(4):
+            lo, hi = bounds[r]
+            assert bool((lo >= parent[r][0]).all() and (hi <= parent[r][1]).all())
+            sub = nn.Sequential(*list(net)[:relu_at[r]], nn.Flatten())
+            z = sub(samples.flatten(0, 1)).view(256, *lo.shape)
+            assert bool((z >= lo - 1e-5).all() and (z <= hi + 1e-5).all())
+            if r == 0:
+                continue
+            engine = lirpa().BoundedModule(sub, torch.zeros(1, 2, 8, 8))
+            names = [node.inputs[0].name for node in engine._modules.values() if type(node).__name__ == "BoundRelu"]
+            crown_lo, crown_hi = engine.compute_bounds(x=(bounded_input(x_lo, child_hi),), method="CROWN",
+                                                       intermediate_layer_bounds=dict(zip(names, bounds[:r])))
+            unstable = (lo < 0) & (hi > 0)
+            checked += int(unstable.sum())
+            assert bool((lo[unstable] >= crown_lo.view_as(lo)[unstable] - 1e-5).all())
+            assert bool((hi[unstable] <= crown_hi.view_as(hi)[unstable] + 1e-5).all())
     assert checked > 0
 
 

@@ -52,6 +52,11 @@ QUICK_MIN_TRIED, QUICK_MIN_SHARE = 16, 0.05  # the cheap pre-pass is dropped onc
 #: come from one CROWN backward pass. On MNIST DM_Small (3 ReLU layers) CROWN with the IBP pre-pass was the
 #: faster; on DM_Medium (6) the forward bounds are (results/sound-benchmark/table.md).
 INTERMEDIATE_MODES = ("auto", "forward", "backward")
+#: How a branch-and-bound refresh (every ReLU input's bounds recomputed, tightened by the parent's) is computed:
+#: 'lirpa' — auto_LiRPA's CROWN with the parent's bounds as reference; 'windows' — CROWN of the neurons the
+#: parent's bounds leave unstable, over receptive fields on conv layers (`forward.ForwardBounds.refreshed`), on
+#: chain networks (others keep 'lirpa')
+REFRESH_MODES = ("lirpa", "windows")
 FORWARD_MIN_RELUS = 4
 #: A CROWN pass the memory budget refuses is run again with auto_LiRPA's batched CROWN, this many unstable
 #: neurons of a layer at a time (the same bounds in a fraction of the memory; see `crown_batch`)
@@ -176,11 +181,13 @@ class HullBounder:
     """auto_LiRPA bounds over domain hulls for one trained AbsCert model; the BoundedModule is built once."""
 
     def __init__(self, trained, method: str = "crown", memory_mb: float = DEFAULT_MEMORY_MB,
-                 bound_opts: dict | None = None, intermediate: str = "auto") -> None:
+                 bound_opts: dict | None = None, intermediate: str = "auto", refresh: str = "lirpa") -> None:
         if method not in LIRPA_METHODS and method != CROWN_LAST:
             raise ValueError(f"unknown bound method {method!r}")
         if intermediate not in INTERMEDIATE_MODES:
             raise ValueError(f"unknown intermediate-bound mode {intermediate!r}")
+        if refresh not in REFRESH_MODES:
+            raise ValueError(f"unknown refresh mode {refresh!r}")
         self.method = method
         self.variant = trained.abstraction.variant
         self.num_classes = trained.num_classes
@@ -212,6 +219,7 @@ class HullBounder:
         self.forward = None if intermediate == "backward" else ForwardBounds.of(self.module)
         if self.forward is not None and self.forward.relus != len(self.relu_inputs):
             self.forward = None
+        self.refresh = refresh
         if intermediate == "forward" and self.forward is None:
             raise ValueError("forward intermediate bounds need a chain of Conv2d / Linear / BatchNorm / ReLU layers")
         self.forward_on: bool | None = None  # decided by use_forward
@@ -352,7 +360,18 @@ class HullBounder:
         with torch.no_grad() if method != "alpha-crown" else nullcontext():
             # a BaB refresh (reference bounds from the parent) stays with CROWN: with the reference it bounds only
             # the unstable neurons, so it is cheap, and it is what tightens a child's bounds beyond its parent's
-            forward = need_a and intermediate != "backward" and not reference and self.use_forward(x_lo, x_hi)
+            # (with refresh 'windows' a refresh is CROWN of the parent's unstable neurons, `ForwardBounds.refreshed`)
+            refreshed = None
+            if need_a and reference and self.refresh == "windows" and self.forward is not None \
+                    and set(self.relu_inputs) <= set(reference):
+                refreshed = self.forward.refreshed(x_lo, x_hi, [reference[name] for name in self.relu_inputs],
+                                                   self.planner.limits.check)
+            if refreshed is not None:
+                kwargs["intermediate_layer_bounds"] = dict(zip(self.relu_inputs, refreshed))
+                reference = fixed = None
+                method = "crown" if method == CROWN_LAST else method
+            forward = need_a and refreshed is None and intermediate != "backward" and not reference \
+                and self.use_forward(x_lo, x_hi)
             if forward:
                 kwargs["intermediate_layer_bounds"] = self._forward_intermediate(
                     x_lo, x_hi, fixed, self.window_on if window is None else window)

@@ -251,6 +251,57 @@ class ForwardBounds:
             ibp_lo, ibp_hi = lower.clamp(min=0).view(shape), upper.clamp(min=0).view(shape)
         return out
 
+    def refreshed(
+        self, x_lo: torch.Tensor, x_hi: torch.Tensor, given: list[tuple[torch.Tensor, torch.Tensor]],
+        check: Callable[[float], None] | None = None,
+    ) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+        """CROWN bounds on every ReLU input of n domains, without a forward pass: `given[r]` are sound bounds on
+        ReLU r's input (a branch-and-bound parent's); layer by layer, the neurons they leave unstable are bounded
+        by CROWN back to the input box with the bounds already refreshed below — a layer of C×H×W maps over
+        receptive fields (`_window_back`), any other by dense back-substitution (`_back`, no closure on the way) —
+        and intersected with `given`. None where the network has a layer neither reaches (a dense layer wider than
+        BACK_NEURONS, or rows past BACK_ELEMENTS)."""
+        n = len(x_lo)
+        width = (x_hi - x_lo).flatten(1)
+        wide = width > VARIABLE_WIDTH
+        k = max(1, self.variables(x_lo, x_hi))
+        rank = torch.cumsum(wide.to(torch.int64), 1) - 1
+        rows, coords = torch.nonzero(wide, as_tuple=True)
+        a_in = torch.zeros(n, k, width.shape[1], dtype=x_lo.dtype, device=x_lo.device)
+        a_in[rows, rank[rows, coords], coords] = width[rows, coords]
+        b_hi = torch.where(wide, x_lo.flatten(1), x_hi.flatten(1))
+        states: dict[int, tuple[torch.Tensor, ...]] = {-1: (a_in, a_in, x_lo.flatten(1), b_hi)}
+        shapes: list[tuple[int, ...]] = []
+        probe = x_lo[:1]
+        for step in self.steps:
+            shapes.append(tuple(probe.shape[1:]))
+            if step is not None:
+                probe = step.apply(probe, True)
+        bounds: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        out: list[tuple[torch.Tensor, torch.Tensor]] = []
+        relu = 0
+        for index, step in enumerate(self.steps):
+            if step is not None:
+                continue
+            lower, upper = (t.flatten(1) for t in given[relu])
+            relu += 1
+            if self.windowed(index, shapes):
+                lower, upper = self._window_bounds(index, lower, upper, x_lo, x_hi, shapes, bounds, check)
+            else:
+                unstable = (lower < 0) & (upper > 0)
+                r = int(unstable.sum(1).max()) if n else 0
+                if r:
+                    if lower.shape[1] > BACK_NEURONS or r * _widest(shapes, -1, index) > BACK_ELEMENTS:
+                        return None
+                    if check is not None:
+                        check(4 * 4 * n * r * _widest(shapes, -1, index) / 2**20)
+                    order = torch.argsort(unstable.to(torch.int8), dim=1, descending=True, stable=True)[:, :r]
+                    lower, upper = self._back(index, -1, order, lower, upper, shapes, states, bounds)
+            upper = torch.maximum(upper, lower)
+            bounds[index] = (lower, upper)
+            out.append((lower.view(-1, *shapes[index]), upper.view(-1, *shapes[index])))
+        return out
+
     def windowed(self, index: int, shapes: list[tuple[int, ...]]) -> bool:
         """Whether every step before `index` maps C×H×W maps by neighbourhoods (see `Affine.window`)."""
         return all(len(shapes[p]) == 3 and (step is None or step.window is not None)
@@ -391,8 +442,10 @@ class ForwardBounds:
                     lam["hi"], const["hi"] = lam["lo"], const["lo"].clone()
                 if position > 0:
                     continue
-            # at a ReLU's input, or at the network's input
-            state = states[position if step is None else -1]
+            # at a ReLU's input (where its forward bounds are known), or at the network's input
+            state = states.get(position if step is None else -1)
+            if state is None:
+                continue
             row_lo, row_hi = _close(lam["lo"], lam["hi"], const["lo"], const["hi"], state)
             lower.scatter_(1, rows, torch.maximum(lower.gather(1, rows), row_lo))
             upper.scatter_(1, rows, torch.minimum(upper.gather(1, rows), row_hi))

@@ -38,7 +38,7 @@ from ..budget import DEFAULT_MEMORY_MB, budget_stage, crown_batch_opts, within_b
 from ..devices import OnDevice
 from ..errors import UserError
 from ..sound.attack import discrete_attack
-from ..sound.bounds import CROWN_LAST, INTERMEDIATE_MODES, LIRPA_METHODS, HullBounder
+from ..sound.bounds import CROWN_LAST, INTERMEDIATE_MODES, LIRPA_METHODS, REFRESH_MODES, HullBounder
 from ..sound.choices import PixelOptions, reachable_options
 from ..sound.recheck import recheck_counterexample
 from ..sound.search import SearchOutcome, branch_and_bound, enumerate_domain
@@ -70,7 +70,9 @@ class SoundVerifier(Verifier):
     are planned from it, a sample whose bound does not fit alone is `unknown`), `crown_batch` (0: off; N > 0:
     CROWN bounds an intermediate layer's unstable neurons N at a time — auto_LiRPA's batched CROWN, the same
     bounds in less memory per step, so a wide network's bound fits the budget), `intermediate` ('auto',
-    'forward', 'backward': how the ReLU-input bounds are found, see `sound.bounds.INTERMEDIATE_MODES`), `seed`.
+    'forward', 'backward': how the ReLU-input bounds are found, see `sound.bounds.INTERMEDIATE_MODES`),
+    `bab_refresh` ('lirpa', 'windows': how branch and bound recomputes a domain's ReLU-input bounds, see
+    `sound.bounds.REFRESH_MODES`), `seed`.
 
     Time and memory are limits, not failures: the per-sample `timeout` covers every stage including the root
     bound (auto_LiRPA is stopped at the next layer boundary), and a sample past it is `unknown` (stage
@@ -86,7 +88,7 @@ class SoundVerifier(Verifier):
         self, timeout: float = 10.0, bound_method: str = "crown", enumerate_limit: int = 256,
         attack: bool = True, attack_steps: int = 3, attack_restarts: int = 1, bab_batch: int = 32,
         fast_first: bool = True, memory_mb: float = DEFAULT_MEMORY_MB, crown_batch: int = 0, seed: int = 0,
-        intermediate: str = "auto",
+        intermediate: str = "auto", bab_refresh: str = "lirpa",
     ) -> None:
         if not timeout > 0:
             raise UserError(f"abscert-sound: timeout must be > 0 seconds, got {timeout}")
@@ -100,7 +102,10 @@ class SoundVerifier(Verifier):
         if intermediate not in INTERMEDIATE_MODES:
             raise UserError(f"abscert-sound: unknown intermediate {intermediate!r}; valid: "
                             f"{', '.join(INTERMEDIATE_MODES)}")
+        if bab_refresh not in REFRESH_MODES:
+            raise UserError(f"abscert-sound: unknown bab_refresh {bab_refresh!r}; valid: {', '.join(REFRESH_MODES)}")
         self.intermediate = intermediate
+        self.bab_refresh = bab_refresh
         self.crown_opts = crown_batch_opts(self.name, crown_batch)
         self.memory_mb = float(memory_mb)
         self.timeout = float(timeout)
@@ -166,7 +171,8 @@ class SoundVerifier(Verifier):
         digest = network_digest(network)
         if self._engine is None or self._engine[0] is not network or self._engine[1] != digest:
             self._engine = (network, digest, HullBounder(trained, self.bound_method, self.memory_mb,
-                                                              self.crown_opts, self.intermediate))
+                                                              self.crown_opts, self.intermediate,
+                                                              self.bab_refresh))
         return self._engine[2]
 
     # -- the pipeline ----------------------------------------------------------------------------------

@@ -62,6 +62,12 @@ for config in official pixel; do
   .venv/bin/python benchmarks/sound_benchmark.py --model dm_medium --config $config --samples 2004 \
     --checkpoint $S/models/dm_medium-$config.pt --json $S/records.json --label after
 done
+# the opt-in branch-and-bound refresh by windows (abscert-sound option bab_refresh = "windows") on the pixel DM_Medium
+for n in 50 2004; do
+  .venv/bin/python benchmarks/sound_benchmark.py --model dm_medium --config pixel --samples $n \
+    --checkpoint $S/models/dm_medium-pixel.pt --verifier-options '{"bab_refresh": "windows"}' \
+    --json $S/records.json --label after
+done
 # CROWN on natural DM_Large: "before" with the guard of commit e8ad8fc (memory checked between steps only, a stopped
 # pass kept its matrices), "after" with the current one (one-step memory look-ahead)
 git worktree add -f /tmp/abscert-guard e8ad8fc

@@ -183,16 +183,10 @@ class ForwardBounds:
         """
         upto = self.relus if upto is None else upto
         n = len(x_lo)
-        width = (x_hi - x_lo).flatten(1)
-        wide = width > VARIABLE_WIDTH
-        k = max(1, self.variables(x_lo, x_hi))
-        # variable j of domain i is its j-th wide coordinate (padding variables have no coefficient)
-        rank = torch.cumsum(wide.to(torch.int64), 1) - 1
-        rows, coords = torch.nonzero(wide, as_tuple=True)
-        a_lo = torch.zeros(n, k, width.shape[1], dtype=x_lo.dtype, device=x_lo.device)
-        a_lo[rows, rank[rows, coords], coords] = width[rows, coords]
-        a_lo = a_hi = a_lo.view(n * k, *x_lo.shape[1:])  # A_lo = A_hi until the first unstable ReLU
-        b_lo, b_hi = x_lo, torch.where(wide.view_as(x_lo), x_lo, x_hi)  # a variable's bias is its lower end
+        a_in, b_in = _input_state(x_lo, x_hi)
+        k = a_in.shape[1]
+        a_lo = a_hi = a_in.view(n * k, *x_lo.shape[1:])  # A_lo = A_hi until the first unstable ReLU
+        b_lo, b_hi = x_lo, b_in.view_as(x_lo)
         ibp_lo, ibp_hi = x_lo, x_hi
         back_depth = BACK_DEPTH if depth is None else depth
         out: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -262,15 +256,8 @@ class ForwardBounds:
         and intersected with `given`. None where the network has a layer neither reaches (a dense layer wider than
         BACK_NEURONS, or rows past BACK_ELEMENTS)."""
         n = len(x_lo)
-        width = (x_hi - x_lo).flatten(1)
-        wide = width > VARIABLE_WIDTH
-        k = max(1, self.variables(x_lo, x_hi))
-        rank = torch.cumsum(wide.to(torch.int64), 1) - 1
-        rows, coords = torch.nonzero(wide, as_tuple=True)
-        a_in = torch.zeros(n, k, width.shape[1], dtype=x_lo.dtype, device=x_lo.device)
-        a_in[rows, rank[rows, coords], coords] = width[rows, coords]
-        b_hi = torch.where(wide, x_lo.flatten(1), x_hi.flatten(1))
-        states: dict[int, tuple[torch.Tensor, ...]] = {-1: (a_in, a_in, x_lo.flatten(1), b_hi)}
+        a_in, b_in = _input_state(x_lo, x_hi)
+        states: dict[int, tuple[torch.Tensor, ...]] = {-1: (a_in, a_in, x_lo.flatten(1), b_in)}
         shapes: list[tuple[int, ...]] = []
         probe = x_lo[:1]
         for step in self.steps:
@@ -456,6 +443,22 @@ class ForwardBounds:
                 rows, lam["lo"], lam["hi"] = rows[:, going], lam["lo"][:, going], lam["hi"][:, going]
                 const["lo"], const["hi"] = const["lo"][:, going], const["hi"][:, going]
         return lower, upper
+
+
+def _input_state(x_lo: torch.Tensor, x_hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The input box as linear bounds over the domains' variables: x = b + A·s, s in [0, 1]^k, one variable per
+    coordinate wider than VARIABLE_WIDTH (variable j of domain i is its j-th wide coordinate; padding variables have
+    no coefficient). Returns A (n × k × features) and the upper end of b (n × features): a variable's bias is its
+    lower end (b's lower end is x_lo), a narrow coordinate stays the interval [x_lo, x_hi]."""
+    n = len(x_lo)
+    width = (x_hi - x_lo).flatten(1)
+    wide = width > VARIABLE_WIDTH
+    k = max(1, ForwardBounds.variables(x_lo, x_hi))
+    rank = torch.cumsum(wide.to(torch.int64), 1) - 1
+    rows, coords = torch.nonzero(wide, as_tuple=True)
+    a_in = torch.zeros(n, k, width.shape[1], dtype=x_lo.dtype, device=x_lo.device)
+    a_in[rows, rank[rows, coords], coords] = width[rows, coords]
+    return a_in, torch.where(wide, x_lo.flatten(1), x_hi.flatten(1))
 
 
 def _widest(shapes: list[tuple[int, ...]], close: int, index: int) -> int:

@@ -121,3 +121,9 @@ for cell in ibp crown-ibp abscert-official; do
   $B vnncomp run results/vnncomp/fc3-$cell --force
 done
 make crosscheck && cp build/crosscheck.md results/vnncomp/crosscheck.md
+# the opt-in branch-and-bound refresh 'second-conv' (the first two ReLU layers by sound.second.SecondLayerBounds) on
+# the pixel DM_Small, beside the default refresh on the same day's machine
+for options in '{}' '{"bab_refresh": "second-conv"}'; do
+  .venv/bin/python benchmarks/sound_benchmark.py --model dm_small --config pixel --samples 2004 \
+    --checkpoint $S/models/dm_small-pixel.pt --verifier-options "$options" --json $S/records.json --label after
+done

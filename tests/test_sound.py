@@ -1,6 +1,7 @@
 """abscert-sound: exact agreement with brute force on tiny networks, soundness laws, re-checks, bad input."""
 from __future__ import annotations
 
+import copy
 import itertools
 
 import numpy as np
@@ -151,6 +152,8 @@ EXTRA_MODES = {
     "forward-alpha": {"enumerate_limit": 0, "attack": False, "intermediate": "forward", "bound_method": "alpha-crown"},
     # branch and bound's refreshes by CROWN of the parent's unstable neurons (`ForwardBounds.refreshed`)
     "windows-refresh": {"enumerate_limit": 0, "attack": False, "bab_refresh": "windows"},
+    # branch and bound's refreshes with the first two ReLU layers by `second.SecondLayerBounds`
+    "second-conv": {"enumerate_limit": 0, "attack": False, "bab_refresh": "second-conv"},
 }
 EXTRA = [CONFIGS[0] + ("ibp",), CONFIGS[1] + ("ibp",), CONFIGS[0] + ("alpha",), CONFIGS[4] + ("alpha",),
          CONFIGS[0] + ("batched",), ("point", 0.25, 0.08, 0.0, "conv2", "batched"), CONFIGS[2] + ("batched",),
@@ -160,6 +163,8 @@ EXTRA += [("point", 0.25, 0.08, 0.0, "deep", "forward"), ("region", 0.25, 0.15, 
           ("point", 0.2, 0.15, 0.0, "deep", "forward"), ("point", 0.25, 0.08, 0.0, "conv2", "forward-alpha")]
 EXTRA += [("point", 0.25, 0.08, 0.0, "conv2", "windows-refresh"), ("point", 0.2, 0.15, 0.0, "deep", "windows-refresh"),
           ("region", 0.25, 0.15, 0.05, "deep", "windows-refresh")]
+EXTRA += [("point", 0.25, 0.08, 0.0, "conv2", "second-conv"), ("point", 0.2, 0.15, 0.0, "conv2", "second-conv"),
+          ("region", 0.25, 0.15, 0.05, "conv2", "second-conv")]
 
 
 @pytest.mark.parametrize("config", CONFIGS + EXTRA,
@@ -596,6 +601,107 @@ def test_refreshed_bounds_are_crown_of_the_parents_unstable_neurons():
             assert bool((lo[unstable] >= crown_lo.view_as(lo)[unstable] - 1e-5).all())
             assert bool((hi[unstable] <= crown_hi.view_as(hi)[unstable] + 1e-5).all())
     assert checked > 0
+
+
+def dense_second_layer_crown(net: nn.Sequential, x_lo: torch.Tensor, x_hi: torch.Tensor):
+    """Reference: CROWN bounds (float64, dense matrices) of the second convolution of Conv, ReLU, Conv, …, with the
+    textbook relaxation of the exact first-layer bounds (upper chord; lower slope 1 where u >= -l, else 0)."""
+    first, second = (copy.deepcopy(net[i]).double() for i in (0, 2))
+    size = x_lo[0].numel()
+    basis = torch.eye(size, dtype=torch.float64).view(size, *x_lo.shape[1:])
+    z1_bias = first(torch.zeros(1, *x_lo.shape[1:], dtype=torch.float64))
+    w1 = (first(basis) - z1_bias).flatten(1).T
+    hidden = z1_bias[0].numel()
+    basis = torch.eye(hidden, dtype=torch.float64).view(hidden, *z1_bias.shape[1:])
+    z2_bias = second(torch.zeros_like(z1_bias))
+    w2 = (second(basis) - z2_bias).flatten(1).T
+    out = []
+    for lo, hi in zip(x_lo.double().flatten(1), x_hi.double().flatten(1)):
+        centre, radius = (lo + hi) / 2, (hi - lo) / 2
+        z1 = w1 @ centre + z1_bias.flatten()
+        l1, u1 = z1 - w1.abs() @ radius, z1 + w1.abs() @ radius
+        unstable = (l1 < 0) & (u1 > 0)
+        slope = torch.where(unstable, u1 / (u1 - l1), (l1 >= 0).double())
+        shift = torch.where(unstable, -slope * l1, 0.0)
+        alpha = torch.where(unstable, (u1 >= -l1).double(), (l1 >= 0).double())
+        bounds = []
+        for low, high in ((alpha, slope), (slope, alpha)):  # lower bound, then upper bound
+            d = w2.clamp(min=0) * low + w2.clamp(max=0) * high
+            intercept = (w2.clamp(max=0) if low is alpha else w2.clamp(min=0)) @ shift
+            value = z2_bias.flatten() + intercept + d @ z1
+            spread = (d @ w1).abs() @ radius
+            bounds.append(value - spread if low is alpha else value + spread)
+        out.append(bounds)
+    return [torch.stack([b[i] for b in out]).view(len(x_lo), *z2_bias.shape[1:]) for i in (0, 1)]
+
+
+@pytest.mark.parametrize("geometry", [(4, 2, 1, 4, 1, 1), (3, 1, 1, 4, 2, 1), (3, 1, 0, 3, 1, 0), (3, 2, 2, 3, 2, 0),
+                                      (2, 1, 1, 2, 1, 0)])
+def test_second_layer_bounds_are_crown(geometry):
+    """`SecondLayerBounds` (branch and bound's 'second-conv' refresh): exactly CROWN's bounds on the second
+    convolution (a float64 dense reference), never looser than auto_LiRPA's CROWN, sound on sampled inputs; with a
+    parent's bounds, inside them and recomputed only where they leave a neuron unstable."""
+    from abscert_bench.lirpa import bounded_input
+    from abscert_bench.lirpa_compat import lirpa
+    from abscert_bench.sound.second import SecondLayerBounds
+
+    k1, s1, p1, k2, s2, p2 = geometry
+    torch.manual_seed(sum(geometry))
+    net = nn.Sequential(nn.Conv2d(2, 4, k1, s1, p1), nn.ReLU(), nn.Conv2d(4, 5, k2, s2, p2), nn.ReLU(),
+                        nn.Flatten()).eval()
+    x = torch.rand(3, 2, 11, 10)
+    x_lo, x_hi = x - 0.1 * (torch.rand_like(x) > 0.6), x + 0.1 * (torch.rand_like(x) > 0.6)
+    helper = SecondLayerBounds.of(net)
+    assert helper is not None
+    (l1, u1), (l2, u2) = helper.bounds(x_lo, x_hi)
+    ref_lo, ref_hi = dense_second_layer_crown(net, x_lo, x_hi)
+    assert torch.allclose(l2.double(), ref_lo, atol=1e-5) and torch.allclose(u2.double(), ref_hi, atol=1e-5)
+    engine = lirpa().BoundedModule(net, torch.zeros(1, 2, 11, 10))
+    engine.compute_bounds(x=(bounded_input(x_lo, x_hi),), method="CROWN")
+    names = [node.inputs[0].name for node in engine._modules.values() if type(node).__name__ == "BoundRelu"]
+    first_lo, first_hi = engine[names[0]].lower, engine[names[0]].upper
+    assert torch.allclose(l1, first_lo, atol=1e-5) and torch.allclose(u1, first_hi, atol=1e-5)
+    assert bool((l2 >= engine[names[1]].lower - 1e-5).all() and (u2 <= engine[names[1]].upper + 1e-5).all())
+    samples = x_lo + (x_hi - x_lo) * torch.rand(256, *x.shape)
+    with torch.no_grad():
+        z2 = net[:3](samples.flatten(0, 1)).view(256, *l2.shape)
+    assert bool((z2 >= l2 - 1e-5).all() and (z2 <= u2 + 1e-5).all())
+    # a child (some coordinates halved) with the parent's bounds: inside them, and only the neurons they leave
+    # unstable recomputed
+    child_hi = torch.where(torch.rand_like(x) > 0.5, (x_lo + x_hi) / 2, x_hi)
+    parent = [(l1, u1), (l2 - 0.01, u2 + 0.01)]
+    (c1_lo, c1_hi), (c2_lo, c2_hi) = helper.bounds(x_lo, child_hi, parent)
+    assert bool((c1_lo >= l1).all() and (c1_hi <= u1).all() and (c2_lo >= parent[1][0]).all()
+                and (c2_hi <= parent[1][1]).all())
+    kept = ~((parent[1][0] < 0) & (parent[1][1] > 0))
+    assert bool(kept.any()) and bool((c2_lo[kept] == parent[1][0][kept]).all())
+    fresh_lo, fresh_hi = helper.bounds(x_lo, child_hi)[1]
+    unstable = ~kept
+    assert torch.allclose(c2_lo[unstable], torch.maximum(fresh_lo, parent[1][0])[unstable], atol=1e-6)
+    assert torch.allclose(c2_hi[unstable], torch.maximum(torch.minimum(fresh_hi, parent[1][1]), c2_lo)[unstable],
+                          atol=1e-6)
+
+
+def test_second_conv_refresh_needs_two_convolutions():
+    """'second-conv' takes networks that start Conv, ReLU, Conv, ReLU (BatchNorm between, or a dense start, keep
+    auto_LiRPA's refresh), and branch and bound's refreshes go through it there."""
+    from abscert_bench.sound.second import SecondLayerBounds
+
+    for kind in ("fc", "conv", "deep"):
+        assert HullBounder(tiny_model(0, "point", 0.25, kind=kind), refresh="second-conv").second is None
+    assert HullBounder(tiny_model(0, "point", 0.25, kind="conv2")).second is None  # only when asked for
+    trained = tiny_model(1, "point", 0.25, kind="conv2")
+    assert HullBounder(trained, refresh="second-conv").second is not None
+    calls = []
+    original = SecondLayerBounds.bounds
+    SecondLayerBounds.bounds = lambda self, *a, **k: calls.append(1) or original(self, *a, **k)  # type: ignore
+    try:
+        for seed in range(3):
+            x, y = labelled_batch(trained, 0.08, seed)
+            create_verifier("abscert-sound", **EXTRA_MODES["second-conv"]).verify(trained, x, y, 0.08)
+    finally:
+        SecondLayerBounds.bounds = original  # type: ignore
+    assert calls, "no branch-and-bound refresh went through SecondLayerBounds"
 
 
 def test_forward_mode_needs_a_chain():

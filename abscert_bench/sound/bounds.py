@@ -39,6 +39,7 @@ from ..lirpa import LIRPA_METHODS, bounded_input, margin_matrix
 from ..lirpa_compat import lirpa
 from .choices import PixelOptions
 from .forward import ForwardBounds
+from .second import SecondLayerBounds
 
 #: A cheaper sound pre-pass: IBP bounds for every ReLU layer's input except the last, CROWN for the last
 #: and for the margins. On a conv net almost all of CROWN's cost is the intermediate bounds of the early,
@@ -55,8 +56,10 @@ INTERMEDIATE_MODES = ("auto", "forward", "backward")
 #: How a branch-and-bound refresh (every ReLU input's bounds recomputed, tightened by the parent's) is computed:
 #: 'lirpa' — auto_LiRPA's CROWN with the parent's bounds as reference; 'windows' — CROWN of the neurons the
 #: parent's bounds leave unstable, over receptive fields on conv layers (`forward.ForwardBounds.refreshed`), on
-#: chain networks (others keep 'lirpa')
-REFRESH_MODES = ("lirpa", "windows")
+#: chain networks (others keep 'lirpa'); 'second-conv' — on networks that start Conv → ReLU → Conv → ReLU, the first two
+#: ReLU layers' bounds by `second.SecondLayerBounds` (CROWN of the second convolution's unstable neurons in one matrix
+#: product; auto_LiRPA spends most of a DM_Small refresh on them), the later ones as 'lirpa' (others keep 'lirpa')
+REFRESH_MODES = ("lirpa", "windows", "second-conv")
 FORWARD_MIN_RELUS = 4
 #: A CROWN pass the memory budget refuses is run again with auto_LiRPA's batched CROWN, this many unstable
 #: neurons of a layer at a time (the same bounds in a fraction of the memory; see `crown_batch`)
@@ -220,6 +223,10 @@ class HullBounder:
         if self.forward is not None and self.forward.relus != len(self.relu_inputs):
             self.forward = None
         self.refresh = refresh
+        # refresh 'second-conv': the first two ReLU layers' bounds by `second.SecondLayerBounds` (Conv → ReLU → Conv →
+        # ReLU networks; others refresh as 'lirpa')
+        self.second = SecondLayerBounds.of(self.module) if refresh == "second-conv" and len(self.relu_inputs) >= 2 \
+            else None
         if intermediate == "forward" and self.forward is None:
             raise ValueError("forward intermediate bounds need a chain of Conv2d / Linear / BatchNorm / ReLU layers")
         self.forward_on: bool | None = None  # decided by use_forward
@@ -366,6 +373,11 @@ class HullBounder:
                     and set(self.relu_inputs) <= set(reference):
                 refreshed = self.forward.refreshed(x_lo, x_hi, [reference[name] for name in self.relu_inputs],
                                                    self.planner.limits.check)
+            if need_a and reference and self.second is not None:  # refresh 'second-conv'
+                early = self.relu_inputs[:2]
+                computed = self.second.bounds(x_lo, x_hi, [reference.get(name) for name in early])
+                fixed = {**(fixed or {}), **dict(zip(early, computed))}
+                reference = {name: pair for name, pair in reference.items() if name not in fixed} or None
             if refreshed is not None:
                 kwargs["intermediate_layer_bounds"] = dict(zip(self.relu_inputs, refreshed))
                 reference = fixed = None

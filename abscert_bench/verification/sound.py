@@ -71,7 +71,7 @@ class SoundVerifier(Verifier):
     CROWN bounds an intermediate layer's unstable neurons N at a time — auto_LiRPA's batched CROWN, the same
     bounds in less memory per step, so a wide network's bound fits the budget), `intermediate` ('auto',
     'forward', 'backward': how the ReLU-input bounds are found, see `sound.bounds.INTERMEDIATE_MODES`),
-    `bab_refresh` ('lirpa', 'windows': how branch and bound recomputes a domain's ReLU-input bounds, see
+    `bab_refresh` ('lirpa', 'windows', 'second-conv': how branch and bound recomputes a domain's ReLU-input bounds, see
     `sound.bounds.REFRESH_MODES`), `seed`.
 
     Time and memory are limits, not failures: the per-sample `timeout` covers every stage including the root

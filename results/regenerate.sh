@@ -127,3 +127,6 @@ for options in '{}' '{"bab_refresh": "second-conv"}'; do
   .venv/bin/python benchmarks/sound_benchmark.py --model dm_small --config pixel --samples 2004 \
     --checkpoint $S/models/dm_small-pixel.pt --verifier-options "$options" --json $S/records.json --label after
 done
+# and the official DM_Small again on that day's machine (same code path as its rows above)
+.venv/bin/python benchmarks/sound_benchmark.py --model dm_small --config official --samples 2004 \
+  --checkpoint $S/models/dm_small-official.pt --json $S/records.json --label after

@@ -637,7 +637,7 @@ def dense_second_layer_crown(net: nn.Sequential, x_lo: torch.Tensor, x_hi: torch
 
 @pytest.mark.parametrize("geometry", [(4, 2, 1, 4, 1, 1), (3, 1, 1, 4, 2, 1), (3, 1, 0, 3, 1, 0), (3, 2, 2, 3, 2, 0),
                                       (2, 1, 1, 2, 1, 0)])
-def test_second_layer_bounds_are_crown(geometry):
+def test_second_layer_bounds_are_crown(geometry, monkeypatch):
     """`SecondLayerBounds` (branch and bound's 'second-conv' refresh): exactly CROWN's bounds on the second
     convolution (a float64 dense reference), never looser than auto_LiRPA's CROWN, sound on sampled inputs; with a
     parent's bounds, inside them and recomputed only where they leave a neuron unstable."""
@@ -662,6 +662,15 @@ def test_second_layer_bounds_are_crown(geometry):
     first_lo, first_hi = engine[names[0]].lower, engine[names[0]].upper
     assert torch.allclose(l1, first_lo, atol=1e-5) and torch.allclose(u1, first_hi, atol=1e-5)
     assert bool((l2 >= engine[names[1]].lower - 1e-5).all() and (u2 <= engine[names[1]].upper + 1e-5).all())
+    # rows in chunks (a tiny CHUNK_MB: a few rows each), each announced to the limits' check first: the same bounds
+    import abscert_bench.sound.second as second_module
+
+    monkeypatch.setattr(second_module, "CHUNK_MB", 0.01)
+    estimates: list[float] = []
+    chunked_lo, chunked_hi = helper.bounds(x_lo, x_hi, check=estimates.append)[1]
+    assert len(estimates) > 1 and min(estimates) > 0
+    assert torch.allclose(chunked_lo, l2, atol=1e-6) and torch.allclose(chunked_hi, u2, atol=1e-6)
+    monkeypatch.undo()
     samples = x_lo + (x_hi - x_lo) * torch.rand(256, *x.shape)
     with torch.no_grad():
         z2 = net[:3](samples.flatten(0, 1)).view(256, *l2.shape)

@@ -375,7 +375,8 @@ class HullBounder:
                                                    self.planner.limits.check)
             if need_a and reference and self.second is not None:  # refresh 'second-conv'
                 early = self.relu_inputs[:2]
-                computed = self.second.bounds(x_lo, x_hi, [reference.get(name) for name in early])
+                computed = self.second.bounds(x_lo, x_hi, [reference.get(name) for name in early],
+                                              self.planner.limits.check)
                 fixed = {**(fixed or {}), **dict(zip(early, computed))}
                 reference = {name: pair for name, pair in reference.items() if name not in fixed} or None
             if refreshed is not None:

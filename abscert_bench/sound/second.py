@@ -22,6 +22,8 @@ with them.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -29,6 +31,8 @@ from torch import nn
 from .forward import _layers, relaxation
 
 Pair = tuple[int, int]
+#: the second layer's rows are bounded this many MiB of temporaries at a time
+CHUNK_MB = 128
 
 
 def _geometry(layer: nn.Module) -> tuple[Pair, Pair, Pair] | None:
@@ -82,11 +86,14 @@ class SecondLayerBounds:
     def bounds(
         self, x_lo: torch.Tensor, x_hi: torch.Tensor,
         given: list[tuple[torch.Tensor, torch.Tensor] | None] | None = None,
+        check: Callable[[float], None] | None = None,
     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """[(l1, u1), (l2, u2)]: bounds on both ReLU layers' inputs for n domains (input boxes n × C × H × W).
 
         `given[r]`: sound bounds already known for ReLU r's input (a parent's): the result is intersected with
-        them, and with given bounds on the second layer only the neurons they leave unstable are bounded.
+        them, and with given bounds on the second layer only the neurons they leave unstable are bounded. `check(mb)`
+        is called before each chunk of rows with an estimate of the memory it will allocate (the time and memory
+        limits of the bound call).
         """
         given = list(given or []) + [None, None]
         z1, l1, u1 = self.first_bounds(x_lo, x_hi)
@@ -105,48 +112,51 @@ class SecondLayerBounds:
             u2 = torch.full_like(l2, torch.inf)
             rows = torch.nonzero(torch.ones(n, c2 * h2 * w2, dtype=torch.bool, device=x_lo.device))
         if len(rows):
-            lower, upper = self._rows(x_lo, x_hi, z1, l1, u1, rows, (h2, w2))
+            lower, upper = self._rows(x_lo, x_hi, z1, l1, u1, rows, (h2, w2), check)
             flat_l2, flat_u2 = l2.view(n, -1), u2.view(n, -1)
             at = (rows[:, 0], rows[:, 1])
             flat_l2[at] = torch.maximum(flat_l2[at], lower)
             flat_u2[at] = torch.maximum(torch.minimum(flat_u2[at], upper), flat_l2[at])
         return [(l1, u1), (l2, u2)]
 
-    def _rows(self, x_lo, x_hi, z1, l1, u1, rows: torch.Tensor, out_hw: tuple[int, int]):
-        """CROWN bounds of the second-layer neurons `rows` ((domain, flat neuron) pairs)."""
+    def _rows(self, x_lo, x_hi, z1, l1, u1, rows: torch.Tensor, out_hw: tuple[int, int],
+              check: Callable[[float], None] | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """CROWN bounds of the second-layer neurons `rows` ((domain, flat neuron) pairs), CHUNK_MB of rows at a time."""
         conv = self.second
         kh, kw = self.kernel2
         (sh, sw), (ph, pw) = self.stride2, self.padding2
         lo_slope, up_slope, up_shift = relaxation(l1, u1)
-        domain, neuron = rows[:, 0], rows[:, 1]
-        channel, position = neuron // (out_hw[0] * out_hw[1]), neuron % (out_hw[0] * out_hw[1])
         # the constant part for every neuron at once: the second convolution of the relaxed centre, W⁺ taking one
-        # relaxation and W⁻ the other (the upper bound: the reverse), then this row's entry
+        # relaxation and W⁻ the other (the upper bound: the reverse)
         w_pos, w_neg = conv.weight.clamp(min=0), conv.weight.clamp(max=0)
         low_part, high_part = lo_slope * z1, up_slope * z1 + up_shift
-        consts = []
-        for pos_part, neg_part in ((low_part, high_part), (high_part, low_part)):
-            total = F.conv2d(pos_part, w_pos, conv.bias, self.stride2, self.padding2) \
-                + F.conv2d(neg_part, w_neg, None, self.stride2, self.padding2)
-            consts.append(total.flatten(1)[domain, neuron])
-
-        def windows(maps: torch.Tensor) -> torch.Tensor:  # each row's k2×k2 window of a first-ReLU-layer map
-            return F.unfold(maps, (kh, kw), padding=(ph, pw), stride=(sh, sw))[domain, :, position]
-
-        alpha, slope = windows(lo_slope), windows(up_slope)
-        weight = conv.weight.flatten(1)[channel]
-        positive = weight > 0
-        slopes = torch.cat([torch.where(positive, alpha, slope), torch.where(positive, slope, alpha)])
-        coefficients = (slopes * weight.repeat(2, 1)) @ self.kernel  # the rows' linear bounds on the input window
-        # the input windows' radii: a first-layer window starting at row y·s2 - p2 reads input rows from
-        # (y·s2 - p2)·s1 - p1; pad the input so that every such window lies inside
+        consts = [(F.conv2d(pos_part, w_pos, conv.bias, self.stride2, self.padding2)
+                   + F.conv2d(neg_part, w_neg, None, self.stride2, self.padding2)).flatten(1)
+                  for pos_part, neg_part in ((low_part, high_part), (high_part, low_part))]
+        # every second-layer neuron's k2×k2 window of the first layer's slopes, and its input window's radii: a
+        # first-layer window starting at row y·s2 - p2 reads input rows from (y·s2 - p2)·s1 - p1, so the input is
+        # padded until every such window lies inside
+        alphas, slopes = (F.unfold(t, (kh, kw), padding=(ph, pw), stride=(sh, sw)) for t in (lo_slope, up_slope))
         (s1h, s1w), (p1h, p1w) = self.stride1, self.padding1
         top, left = ph * s1h + p1h, pw * s1w + p1w
-        ah, aw = self.in_window
-        height, width = x_lo.shape[2:]
+        (ah, aw), (height, width) = self.in_window, x_lo.shape[2:]
         bottom = max(0, (out_hw[0] - 1) * sh * s1h + ah - height - top)
         right = max(0, (out_hw[1] - 1) * sw * s1w + aw - width - left)
-        radius = F.pad((x_hi - x_lo) / 2, (left, right, top, bottom))
-        radius = F.unfold(radius, (ah, aw), stride=(sh * s1h, sw * s1w))[domain, :, position]
-        spread = (coefficients.abs() * radius.repeat(2, 1)).sum(1)
-        return consts[0] - spread[:len(rows)], consts[1] + spread[len(rows):]
+        radii = F.unfold(F.pad((x_hi - x_lo) / 2, (left, right, top, bottom)), (ah, aw), stride=(sh * s1h, sw * s1w))
+        weights = conv.weight.flatten(1)
+        per_row = 4 * (8 * weights.shape[1] + 6 * self.kernel.shape[1])  # bytes of the temporaries one row needs
+        lower, upper = [], []
+        for part in rows.split(max(1, int(CHUNK_MB * 2**20 // per_row))):
+            if check is not None:
+                check(len(part) * per_row / 2**20)
+            domain, neuron = part[:, 0], part[:, 1]
+            position = neuron % (out_hw[0] * out_hw[1])
+            weight = weights[neuron // (out_hw[0] * out_hw[1])]
+            alpha, slope = alphas[domain, :, position], slopes[domain, :, position]
+            positive = weight > 0
+            chosen = torch.cat([torch.where(positive, alpha, slope), torch.where(positive, slope, alpha)])
+            coefficients = (chosen * weight.repeat(2, 1)) @ self.kernel  # the rows' linear bounds on the input window
+            spread = (coefficients.abs() * radii[domain, :, position].repeat(2, 1)).sum(1)
+            lower.append(consts[0][domain, neuron] - spread[:len(part)])
+            upper.append(consts[1][domain, neuron] + spread[len(part):])
+        return torch.cat(lower), torch.cat(upper)

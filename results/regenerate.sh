@@ -130,3 +130,7 @@ done
 # and the official DM_Small again on that day's machine (same code path as its rows above)
 .venv/bin/python benchmarks/sound_benchmark.py --model dm_small --config official --samples 2004 \
   --checkpoint $S/models/dm_small-official.pt --json $S/records.json --label after
+# the pixel DM_Medium with bab_refresh 'second-conv' (its first two layers are Conv-ReLU-Conv-ReLU too)
+.venv/bin/python benchmarks/sound_benchmark.py --model dm_medium --config pixel --samples 2004 \
+  --checkpoint $S/models/dm_medium-pixel.pt --verifier-options '{"bab_refresh": "second-conv"}' \
+  --json $S/records.json --label after

@@ -691,7 +691,7 @@ def test_second_layer_bounds_are_crown(geometry, monkeypatch):
                           atol=1e-6)
 
 
-def test_second_conv_refresh_needs_two_convolutions():
+def test_second_conv_refresh_needs_two_convolutions(monkeypatch):
     """'second-conv' takes networks that start Conv, ReLU, Conv, ReLU (BatchNorm between, or a dense start, keep
     auto_LiRPA's refresh), and branch and bound's refreshes go through it there."""
     from abscert_bench.sound.second import SecondLayerBounds
@@ -703,13 +703,10 @@ def test_second_conv_refresh_needs_two_convolutions():
     assert HullBounder(trained, refresh="second-conv").second is not None
     calls = []
     original = SecondLayerBounds.bounds
-    SecondLayerBounds.bounds = lambda self, *a, **k: calls.append(1) or original(self, *a, **k)  # type: ignore
-    try:
-        for seed in range(3):
-            x, y = labelled_batch(trained, 0.08, seed)
-            create_verifier("abscert-sound", **EXTRA_MODES["second-conv"]).verify(trained, x, y, 0.08)
-    finally:
-        SecondLayerBounds.bounds = original  # type: ignore
+    monkeypatch.setattr(SecondLayerBounds, "bounds", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+    for seed in range(3):
+        x, y = labelled_batch(trained, 0.08, seed)
+        create_verifier("abscert-sound", **EXTRA_MODES["second-conv"]).verify(trained, x, y, 0.08)
     assert calls, "no branch-and-bound refresh went through SecondLayerBounds"
 
 

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .forward import _layers, relaxation
+from .forward import _affine, _layers, relaxation
 
 Pair = tuple[int, int]
 #: the second layer's rows are bounded this many MiB of temporaries at a time
@@ -61,6 +61,9 @@ class SecondLayerBounds:
             self.kernel = F.conv_transpose2d(basis, first.weight, None, self.stride1).flatten(1)
         # the input window under one k2×k2 window of the first ReLU layer
         self.in_window = ((kh - 1) * self.stride1[0] + k1h, (kw - 1) * self.stride1[1] + k1w)
+        affine = _affine(first)  # the first layer as the forward pass maps it (W·x + β, |W|·x)
+        assert affine is not None
+        self.affine1 = affine
 
     @classmethod
     def of(cls, module: nn.Module) -> SecondLayerBounds | None:
@@ -76,10 +79,8 @@ class SecondLayerBounds:
 
     def first_bounds(self, x_lo: torch.Tensor, x_hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The first ReLU input at the box centre, and its exact bounds over the box (l1, u1)."""
-        conv = self.first
-        centre, radius = (x_hi + x_lo) / 2, (x_hi - x_lo) / 2
-        z1 = F.conv2d(centre, conv.weight, conv.bias, self.stride1, self.padding1)
-        spread = F.conv2d(radius, conv.weight.abs(), None, self.stride1, self.padding1)
+        z1 = self.affine1.apply((x_hi + x_lo) / 2, True)
+        spread = self.affine1.apply_abs((x_hi - x_lo) / 2)
         return z1, z1 - spread, z1 + spread
 
     @torch.no_grad()

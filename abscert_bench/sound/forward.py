@@ -72,6 +72,10 @@ class Affine:
     back: Callable[[torch.Tensor, tuple[int, ...]], torch.Tensor]
     window: Callable[[torch.Tensor, torch.Tensor, torch.Tensor],
                      tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
+    #: `window` of unit rows (row r = 1 at output channel c[r] of a 1×1 window), without the product: for a
+    #: convolution of one group that is the kernel of channel c placed on the input window, and the bias of c
+    unit: Callable[[torch.Tensor, torch.Tensor, torch.Tensor],
+                   tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
 
 
 def _affine(layer: nn.Module) -> Affine | None:
@@ -86,10 +90,14 @@ def _affine(layer: nn.Module) -> Affine | None:
             lam_in = F.conv_transpose2d(lam, w, None, stride, 0, 0, groups, dilation)
             return lam_in, top * stride[0] - padding[0], left * stride[1] - padding[1], const
 
+        def unit(c: torch.Tensor, top: torch.Tensor, left: torch.Tensor):
+            const = b[c] if b is not None else w.new_zeros(len(c))
+            return w[c], top * stride[0] - padding[0], left * stride[1] - padding[1], const
+
         return Affine(lambda x, bias: F.conv2d(x, w, b if bias else None, stride, padding, dilation, groups),
                       lambda x: F.conv2d(x, w.abs(), None, stride, padding, dilation, groups),
                       lambda lam, shape: conv2d_input((len(lam), *shape), w, lam, stride, padding, dilation, groups),
-                      window)
+                      window, unit if groups == 1 and tuple(dilation) == (1, 1) else None)
     if isinstance(layer, nn.Linear):
         w, b = layer.weight, layer.bias
         return Affine(lambda x, bias: F.linear(x, w, b if bias else None), lambda x: F.linear(x, w.abs()),
@@ -351,6 +359,7 @@ class ForwardBounds:
         lam = torch.zeros(m, shapes[index][0], 1, 1, dtype=x_lo.dtype, device=x_lo.device)
         lam[alive, c, 0, 0] = 1.0
         lam_lo = lam_hi = lam
+        unit: torch.Tensor | None = c  # the rows are still the unit rows of channels c (see `Affine.unit`)
         top, left = y.clone(), x.clone()
         const_lo = torch.zeros(m, dtype=x_lo.dtype, device=x_lo.device)
         const_hi = const_lo.clone()
@@ -367,8 +376,7 @@ class ForwardBounds:
         for position in range(index - 1, -1, -1):
             step = self.steps[position]
             if step is None:  # the lower bound takes a positive coefficient's lower relaxation, the upper its upper
-                signs: tuple[torch.Tensor, ...] = (lam_lo.clamp(min=0), lam_lo.clamp(max=0), lam_hi.clamp(min=0),
-                                                   lam_hi.clamp(max=0))
+                signs: tuple[torch.Tensor, ...] = _signs(lam_lo, lam_hi)
                 if relaxed:  # (one layer back, the box closure would only be the interval bound)
                     below, above = (t.view(-1, *shapes[position]) for t in bounds[position])
                     close(below.clamp(min=0), above.clamp(min=0), signs)
@@ -386,13 +394,23 @@ class ForwardBounds:
                 const_lo, const_hi = const_lo + add_lo, const_hi + add_hi
                 continue
             assert step.window is not None  # `windowed` said so
+            if lam_hi is lam_lo:  # (until the first ReLU step back both sides carry the same Λ: one product)
+                if unit is not None and step.unit is not None:
+                    lam_lo, new_top, new_left, add = step.unit(unit, top, left)
+                else:
+                    lam_lo, new_top, new_left, add = step.window(lam_lo, top, left)
+                unit = None
+                lam_lo, top, left = _fit(lam_lo, new_top, new_left, shapes[position])
+                lam_hi, const_lo = lam_lo, const_lo + add
+                const_hi = const_lo.clone()
+                continue
             lam_lo, new_top, new_left, add = step.window(lam_lo, top, left)
             const_lo = const_lo + add
             lam_hi, _, _, add = step.window(lam_hi, top, left)
             const_hi = const_hi + add
             lam_lo, _, _ = _fit(lam_lo, new_top, new_left, shapes[position])
             lam_hi, top, left = _fit(lam_hi, new_top, new_left, shapes[position])
-        close(x_lo, x_hi, (lam_lo.clamp(min=0), lam_lo.clamp(max=0), lam_hi.clamp(min=0), lam_hi.clamp(max=0)))
+        close(x_lo, x_hi, _signs(lam_lo, lam_hi))
         return lower, upper
 
     def _back(self, index: int, close: int, rows: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor,
@@ -479,6 +497,14 @@ def _close(lam_lo: torch.Tensor, lam_hi: torch.Tensor, const_lo: torch.Tensor, c
     lower = const_lo + terms[..., k] + terms[..., :k].clamp(max=0).sum(-1)
     terms = lam_hi.clamp(min=0) @ ab_hi + lam_hi.clamp(max=0) @ ab_lo
     return lower, const_hi + terms[..., k] + terms[..., :k].clamp(min=0).sum(-1)
+
+
+def _signs(lam_lo: torch.Tensor, lam_hi: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """(Λ_lo⁺, Λ_lo⁻, Λ_hi⁺, Λ_hi⁻), each computed once where both sides are the same Λ."""
+    lo_pos, lo_neg = lam_lo.clamp(min=0), lam_lo.clamp(max=0)
+    if lam_hi is lam_lo:
+        return lo_pos, lo_neg, lo_pos, lo_neg
+    return lo_pos, lo_neg, lam_hi.clamp(min=0), lam_hi.clamp(max=0)
 
 
 def _relax_back(signs: tuple[torch.Tensor, ...], slopes: tuple[torch.Tensor, ...],

@@ -524,6 +524,36 @@ def test_window_back_substitution_is_crown():
         assert checked > 0
 
 
+@pytest.mark.parametrize("geometry", [dict(kernel_size=4, stride=2, padding=1), dict(kernel_size=3, stride=2),
+                                      dict(kernel_size=(3, 2), stride=(1, 3), padding=(2, 0)),
+                                      dict(kernel_size=3, padding=2, dilation=2), dict(kernel_size=3, groups=2)])
+def test_convolution_steps_back(geometry):
+    """A convolution's backward steps: `back` is Λ·W onto the input's size (torch's conv2d_input, odd sizes
+    included); `unit` (one group, no dilation) is `window` of unit rows, and is absent otherwise."""
+    from torch.nn.grad import conv2d_input
+
+    from abscert_bench.sound.forward import _affine
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 6, **geometry)
+    step = _affine(conv)
+    assert step is not None and step.window is not None
+    x = torch.rand(1, 4, 11, 12)
+    lam = torch.randn(5, *conv(x).shape[1:])
+    settings = (conv.stride, conv.padding, conv.dilation, conv.groups)
+    assert torch.allclose(step.back(lam, tuple(x.shape[1:])), conv2d_input((5, *x.shape[1:]), conv.weight, lam,
+                                                                             *settings), atol=1e-5)
+    if conv.groups > 1 or conv.dilation != (1, 1):
+        assert step.unit is None
+        return
+    assert step.unit is not None
+    channels, top, left = torch.tensor([0, 5, 2]), torch.tensor([0, 3, 1]), torch.tensor([2, 0, 4])
+    rows = torch.zeros(3, 6, 1, 1)
+    rows[torch.arange(3), channels] = 1.0
+    for got, want in zip(step.unit(channels, top, left), step.window(rows, top, left)):
+        assert got.shape == want.shape and torch.allclose(got, want, atol=1e-6)
+
+
 def test_dense_back_substitution_after_windows_is_crown():
     """After conv layers with windows, a dense layer's unstable neurons are back-substituted to the input: on every
     neuron left unstable its bounds are at least as tight as auto_LiRPA's CROWN given the same earlier bounds, and

@@ -33,39 +33,52 @@ for p in official; do   # the clean protocol: specs/mnist-official.toml
 done
 $B table $O --csv $O/table.csv > $O/table.md
 
-# abscert-sound at scale (issue 10): the sound benchmark on AbsCert DM_Small / DM_Medium / DM_Large / CNN7, one
+# abscert-sound at scale (issue 10): the sound benchmark on AbsCert DM_Small / DM_Medium / DM_Large, one
 # process at a time on a quiet machine (models trained by the script, 5 epochs, and kept in
 # results/sound-benchmark/models/ — move them out before committing), then CROWN on a naturally trained DM_Large
 # within the memory budget. "before" rows: this checkout's script over the code of commit 702a8c2 (a worktree;
-# benchmarks/at_commit.py), on the same checkpoints and day as the "after" rows. (702a8c2 cannot verify CNN7: its
-# engine cache hashed BatchNorm's 0-dim counters and crashed.)
+# benchmarks/at_commit.py), on the same checkpoints and day as the "after" rows.
 S=results/sound-benchmark
 mkdir -p $S/models
 rm -f $S/records.json $S/crown.json
 here=$PWD
 git worktree add -f /tmp/abscert-before 702a8c2
 ln -sfn "$here/data" /tmp/abscert-before/data
-for run in "dm_small pixel 2004" "dm_small official 2004" "dm_medium pixel 50" "dm_large pixel 20" "cnn7 pixel 20" \
-           "dm_medium official 50"; do
+# DM_Small (its CROWN path, which the forward-bound changes since do not touch): after and before, all 2,004 images
+for run in "dm_small pixel 2004" "dm_small official 2004"; do
   set -- $run
   .venv/bin/python benchmarks/sound_benchmark.py --model $1 --config $2 --samples $3 \
     --checkpoint $S/models/$1-$2.pt --json $S/records.json --label after
-  [ $1 = cnn7 ] && continue
+  (cd /tmp/abscert-before && "$here/.venv/bin/python" "$here/benchmarks/at_commit.py" /tmp/abscert-before \
+    "$here/benchmarks/sound_benchmark.py" --model $1 --config $2 --samples $3 \
+    --checkpoint "$here/$S/models/$1-$2.pt" --json "$here/$S/records.json" --label before)
+done
+# the pixel DM_Small with the default refresh and with the opt-in bab_refresh 'second-conv' (the first two ReLU layers
+# by sound.second.SecondLayerBounds), and the official DM_Small, on one day's machine
+for options in '{}' '{"bab_refresh": "second-conv"}'; do
+  .venv/bin/python benchmarks/sound_benchmark.py --model dm_small --config pixel --samples 2004 \
+    --checkpoint $S/models/dm_small-pixel.pt --verifier-options "$options" --json $S/records.json --label after
+done
+.venv/bin/python benchmarks/sound_benchmark.py --model dm_small --config official --samples 2004 \
+  --checkpoint $S/models/dm_small-official.pt --json $S/records.json --label after
+# DM_Medium / DM_Large (forward bounds and windows), current code: the first 20 / 50 images, both DM_Medium configs on
+# all 2,004 (the before code takes ~3-5 s an image there), the opt-in refreshes on the pixel DM_Medium's first 50
+for run in "dm_large pixel 20" "dm_medium official 50" "dm_medium pixel 50" "dm_medium official 2004" \
+           "dm_medium pixel 2004"; do
+  set -- $run
+  .venv/bin/python benchmarks/sound_benchmark.py --model $1 --config $2 --samples $3 \
+    --checkpoint $S/models/$1-$2.pt --json $S/records.json --label after
+done
+for run in "dm_medium pixel 50" "dm_medium official 50" "dm_large pixel 20"; do
+  set -- $run
   (cd /tmp/abscert-before && "$here/.venv/bin/python" "$here/benchmarks/at_commit.py" /tmp/abscert-before \
     "$here/benchmarks/sound_benchmark.py" --model $1 --config $2 --samples $3 \
     --checkpoint "$here/$S/models/$1-$2.pt" --json "$here/$S/records.json" --label before)
 done
 git worktree remove --force /tmp/abscert-before
-# the official and the pixel DM_Medium on all 2,004 test images (current code only: the before code takes ~3-5 s
-# an image)
-for config in official pixel; do
-  .venv/bin/python benchmarks/sound_benchmark.py --model dm_medium --config $config --samples 2004 \
-    --checkpoint $S/models/dm_medium-$config.pt --json $S/records.json --label after
-done
-# the opt-in branch-and-bound refresh by windows (abscert-sound option bab_refresh = "windows") on the pixel DM_Medium
-for n in 50 2004; do
-  .venv/bin/python benchmarks/sound_benchmark.py --model dm_medium --config pixel --samples $n \
-    --checkpoint $S/models/dm_medium-pixel.pt --verifier-options '{"bab_refresh": "windows"}' \
+for refresh in windows second-conv; do
+  .venv/bin/python benchmarks/sound_benchmark.py --model dm_medium --config pixel --samples 50 \
+    --checkpoint $S/models/dm_medium-pixel.pt --verifier-options "{\"bab_refresh\": \"$refresh\"}" \
     --json $S/records.json --label after
 done
 # CROWN on natural DM_Large: "before" with the guard of commit e8ad8fc (memory checked between steps only, a stopped
@@ -121,16 +134,3 @@ for cell in ibp crown-ibp abscert-official; do
   $B vnncomp run results/vnncomp/fc3-$cell --force
 done
 make crosscheck && cp build/crosscheck.md results/vnncomp/crosscheck.md
-# the opt-in branch-and-bound refresh 'second-conv' (the first two ReLU layers by sound.second.SecondLayerBounds) on
-# the pixel DM_Small, beside the default refresh on the same day's machine
-for options in '{}' '{"bab_refresh": "second-conv"}'; do
-  .venv/bin/python benchmarks/sound_benchmark.py --model dm_small --config pixel --samples 2004 \
-    --checkpoint $S/models/dm_small-pixel.pt --verifier-options "$options" --json $S/records.json --label after
-done
-# and the official DM_Small again on that day's machine (same code path as its rows above)
-.venv/bin/python benchmarks/sound_benchmark.py --model dm_small --config official --samples 2004 \
-  --checkpoint $S/models/dm_small-official.pt --json $S/records.json --label after
-# the pixel DM_Medium with bab_refresh 'second-conv' (its first two layers are Conv-ReLU-Conv-ReLU too)
-.venv/bin/python benchmarks/sound_benchmark.py --model dm_medium --config pixel --samples 2004 \
-  --checkpoint $S/models/dm_medium-pixel.pt --verifier-options '{"bab_refresh": "second-conv"}' \
-  --json $S/records.json --label after

@@ -87,7 +87,11 @@ def _affine(layer: nn.Module) -> Affine | None:
             # a output positions reads (a - 1)·stride + (kernel - 1)·dilation + 1 input positions
             const = (lam.sum((2, 3)) * b).sum(1) if b is not None else lam.new_zeros(len(lam))
             lam_in = F.conv_transpose2d(lam, w, None, stride, 0, 0, groups, dilation)
-            return lam_in, top * stride[0] - padding[0], left * stride[1] - padding[1], const
+            return lam_in, *corner(top, left), const
+
+        def corner(top: torch.Tensor, left: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            """Where the input window of output windows starting at (top, left) starts."""
+            return top * stride[0] - padding[0], left * stride[1] - padding[1]
 
         def back(lam: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
             # the transposed convolution onto the input's size (output padding: the rows and columns the convolution's
@@ -97,8 +101,7 @@ def _affine(layer: nn.Module) -> Affine | None:
             return F.conv_transpose2d(lam, w, None, stride, padding, extra, groups, dilation)
 
         def unit(c: torch.Tensor, top: torch.Tensor, left: torch.Tensor):
-            const = b[c] if b is not None else w.new_zeros(len(c))
-            return w[c], top * stride[0] - padding[0], left * stride[1] - padding[1], const
+            return w[c], *corner(top, left), (b[c] if b is not None else w.new_zeros(len(c)))
 
         return Affine(lambda x, bias: F.conv2d(x, w, b if bias else None, stride, padding, dilation, groups),
                       lambda x: F.conv2d(x, w.abs(), None, stride, padding, dilation, groups),

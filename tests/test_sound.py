@@ -154,6 +154,8 @@ EXTRA_MODES = {
     "windows-refresh": {"enumerate_limit": 0, "attack": False, "bab_refresh": "windows"},
     # branch and bound's refreshes with the first two ReLU layers by `second.SecondLayerBounds`
     "second-conv": {"enumerate_limit": 0, "attack": False, "bab_refresh": "second-conv"},
+    # the defaults with forced branch and bound: on a deep chain, forward root bounds and windows refreshes ('auto')
+    "auto": {"enumerate_limit": 0, "attack": False},
 }
 EXTRA = [CONFIGS[0] + ("ibp",), CONFIGS[1] + ("ibp",), CONFIGS[0] + ("alpha",), CONFIGS[4] + ("alpha",),
          CONFIGS[0] + ("batched",), ("point", 0.25, 0.08, 0.0, "conv2", "batched"), CONFIGS[2] + ("batched",),
@@ -163,6 +165,7 @@ EXTRA += [("point", 0.25, 0.08, 0.0, "deep", "forward"), ("region", 0.25, 0.15, 
           ("point", 0.2, 0.15, 0.0, "deep", "forward"), ("point", 0.25, 0.08, 0.0, "conv2", "forward-alpha")]
 EXTRA += [("point", 0.25, 0.08, 0.0, "conv2", "windows-refresh"), ("point", 0.2, 0.15, 0.0, "deep", "windows-refresh"),
           ("region", 0.25, 0.15, 0.05, "deep", "windows-refresh")]
+EXTRA += [("point", 0.2, 0.15, 0.0, "deep", "auto"), ("region", 0.25, 0.15, 0.05, "deep", "auto")]
 EXTRA += [("point", 0.25, 0.08, 0.0, "conv2", "second-conv"), ("point", 0.2, 0.15, 0.0, "conv2", "second-conv"),
           ("region", 0.25, 0.15, 0.05, "conv2", "second-conv")]
 
@@ -366,6 +369,60 @@ def test_bab_stopped_inside_a_bound_call_reports_its_branches():
                                batch=4, enumerate_limit=1)
     assert outcome.status == "unknown" and outcome.stage == "timeout"
     assert outcome.branches == sum(calls[1:]) > 0
+
+
+def test_bab_calls_fit_the_time_left(monkeypatch):
+    """Branch and bound sizes its calls by their measured seconds per domain: no call after the first of its kind
+    ends past the deadline, a due refresh that no longer fits is replaced by cheap bounds, and the search ends
+    `unknown` when not even those fit (a fake clock: a cheap domain costs 0.1 s, a refreshed one 1 s)."""
+    from abscert_bench.sound import search
+
+    trained = tiny_model(2, "point", 0.2, kind="fc")
+    x = torch.full((1, *SHAPE), 0.5)  # every pixel a choice pixel
+    with torch.no_grad():
+        y = trained.classifier()(x).argmax(1)
+    options = reachable_options(trained.abstraction, x, 0.15)
+    bounder = HullBounder(trained)
+    clock = [0.0]
+    monkeypatch.setattr(search, "time", type("FakeTime", (), {"perf_counter": staticmethod(lambda: clock[0])}))
+    calls = []
+    real = bounder.bound
+
+    def bound(*args, reference=None, deadline=None, **kwargs):
+        result = real(*args, reference=reference, **kwargs)  # (the real guard's deadline is on the real clock)
+        start, kind = clock[0], "refresh" if reference else "cheap"
+        clock[0] += (1.0 if reference else 0.1) * len(args[1])
+        calls.append((kind, len(args[1]), start, clock[0]))
+        result.margins = result.margins.clamp(max=-1.0)  # nothing verifies: the search has to go on
+        result.coeff_lower = result.coeff_upper = None  # no counterexample candidates
+        return result
+
+    bounder.bound = bound
+    root = real(options, np.array([0]), np.zeros((1, 9), dtype=np.int64), options.count[:1] - 1, y)
+    deadline = 6.0
+    outcome = search.branch_and_bound(bounder, trained.network, options, 0, int(y[0]), root, deadline, batch=8,
+                                      enumerate_limit=1)
+    assert outcome.status == "unknown" and outcome.stage == "timeout"
+    assert "would pass the deadline" in outcome.notes["stopped"]
+    assert {kind for kind, *_ in calls} == {"cheap", "refresh"}
+    assert all(end <= deadline + 1e-9 for *_, end in calls)
+    assert deadline - clock[0] < 0.2  # it stopped only when one more domain pair's cheap bound did not fit
+    # near the end a refresh (2 s for a pair) no longer fits: the search went on with cheap bounds only
+    late = [kind for kind, _, start, _ in calls if start > deadline - 2.0]
+    assert late and set(late) == {"cheap"}
+    assert outcome.branches == sum(n for _, n, *_ in calls)
+
+
+def test_auto_refresh_is_windows_where_the_root_bounds_are_forward():
+    deep, shallow = tiny_model(0, "point", 0.2, kind="deep"), tiny_model(0, "point", 0.2, kind="conv2")
+    x = torch.full((1, *SHAPE), 0.5)
+    for trained, forward in ((deep, True), (shallow, False)):
+        options = reachable_options(trained.abstraction, x, 0.15)
+        for refresh, windows in (("auto", forward), ("lirpa", False), ("windows", True)):
+            bounder = HullBounder(trained, refresh=refresh)
+            bounder.use_forward(*bounder.root_box(options))
+            assert bounder.forward_on is forward
+            assert bounder.windows_refresh() is windows, (refresh, forward)
 
 
 @pytest.mark.parametrize("kind", ["fc", "conv2"])

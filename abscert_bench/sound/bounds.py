@@ -58,8 +58,12 @@ INTERMEDIATE_MODES = ("auto", "forward", "backward")
 #: parent's bounds leave unstable, over receptive fields on conv layers (`forward.ForwardBounds.refreshed`), on
 #: chain networks (others keep 'lirpa'); 'second-conv' — on networks that start Conv → ReLU → Conv → ReLU, the first two
 #: ReLU layers' bounds by `second.SecondLayerBounds` (CROWN of the second convolution's unstable neurons in one matrix
-#: product; auto_LiRPA spends most of a DM_Small refresh on them), the later ones as 'lirpa' (others keep 'lirpa')
-REFRESH_MODES = ("lirpa", "windows", "second-conv")
+#: product; auto_LiRPA spends most of a DM_Small refresh on them), the later ones as 'lirpa' (others keep 'lirpa');
+#: 'auto' (the default) — 'windows' where the root bounds come from the forward pass (`use_forward`: deep chains with
+#: few choice pixels, AbsCert DM_Medium / DM_Large), 'lirpa' elsewhere. Measured on DM_Large (first 20 pixel images,
+#: 10 s): a 'lirpa' refresh takes 1.5–3 s a domain there, a 'windows' one about 1 s, and only the latter verified
+#: anything in branch and bound.
+REFRESH_MODES = ("auto", "lirpa", "windows", "second-conv")
 FORWARD_MIN_RELUS = 4
 #: A CROWN pass the memory budget refuses is run again with auto_LiRPA's batched CROWN, this many unstable
 #: neurons of a layer at a time (the same bounds in a fraction of the memory; see `crown_batch`)
@@ -184,7 +188,7 @@ class HullBounder:
     """auto_LiRPA bounds over domain hulls for one trained AbsCert model; the BoundedModule is built once."""
 
     def __init__(self, trained, method: str = "crown", memory_mb: float = DEFAULT_MEMORY_MB,
-                 bound_opts: dict | None = None, intermediate: str = "auto", refresh: str = "lirpa") -> None:
+                 bound_opts: dict | None = None, intermediate: str = "auto", refresh: str = "auto") -> None:
         if method not in LIRPA_METHODS and method != CROWN_LAST:
             raise ValueError(f"unknown bound method {method!r}")
         if intermediate not in INTERMEDIATE_MODES:
@@ -246,6 +250,12 @@ class HullBounder:
             self.forward_on = self.intermediate == "forward" or (
                 len(self.relu_inputs) >= FORWARD_MIN_RELUS and 2 * ForwardBounds.variables(x_lo, x_hi) < self.widest)
         return self.forward_on
+
+    def windows_refresh(self) -> bool:
+        """Whether a branch-and-bound refresh is `ForwardBounds.refreshed` (see REFRESH_MODES)."""
+        if self.forward is None:
+            return False
+        return self.refresh == "windows" or (self.refresh == "auto" and bool(self.forward_on))
 
     def plain_useful(self) -> bool:
         """Whether a root bound should try the forward bounds without windows first (see PLAIN_MIN_TRIED)."""
@@ -369,7 +379,7 @@ class HullBounder:
             # the unstable neurons, so it is cheap, and it is what tightens a child's bounds beyond its parent's
             # (with refresh 'windows' a refresh is CROWN of the parent's unstable neurons, `ForwardBounds.refreshed`)
             refreshed = None
-            if need_a and reference and self.refresh == "windows" and self.forward is not None \
+            if need_a and reference and self.windows_refresh() \
                     and set(self.relu_inputs) <= set(reference):
                 refreshed = self.forward.refreshed(x_lo, x_hi, [reference[name] for name in self.relu_inputs],
                                                    self.planner.limits.check)

@@ -103,6 +103,30 @@ def _stack(parents: list[Domain], names: list[str]) -> dict | None:
                    torch.cat([b[name][1] for b in bounds])) for name in names}
 
 
+def _fitting(candidates: list[Domain], rates: dict[bool, float], left: float, refresh_every: int) -> list[bool]:
+    """How to bound the children of the first of `candidates` (sorted, most promising first) within `left` seconds:
+    per picked parent, True for a refresh of its two children, False for cheap bounds with its ReLU-input bounds.
+
+    A kind of call not measured yet (no entry in `rates`: seconds per domain) is taken to fit; a parent due for a
+    refresh is bounded cheaply when only that fits (it stays due); picking stops at the first parent whose
+    children fit neither way (an empty list: none fits)."""
+    plans: list[bool] = []
+    spent = 0.0
+    for parent in candidates:
+        due = parent.age + 1 >= refresh_every or parent.intermediate is None
+        for is_refresh in ((True, False) if due else (False,)):
+            if is_refresh is False and parent.intermediate is None:
+                continue  # (no bounds of its own to reuse)
+            cost = 2 * rates.get(is_refresh, 0.0)
+            if spent + cost <= left:
+                plans.append(is_refresh)
+                spent += cost
+                break
+        else:
+            break
+    return plans
+
+
 def branch_and_bound(
     bounder: HullBounder, network: nn.Module, options: PixelOptions, sample: int, label: int,
     root: DomainBounds | None, deadline: float, batch: int = 32, enumerate_limit: int = 256,
@@ -116,6 +140,11 @@ def branch_and_bound(
     Children reuse their parent's bounds on every ReLU input but the first (sound: a child's hull lies in
     its parent's), so a child costs one backward pass for the margins instead of a full CROWN run; every
     `refresh_every` splits a domain's ReLU-input bounds are recomputed, tightened by the parent's.
+
+    The time left also sizes the calls (`_fitting`): once a kind of call (cheap, refresh) has run, its seconds per
+    domain plan the next one, so a call is expected to end by the deadline — a child due for a refresh that does
+    not fit is bounded cheaply instead, and when not even that fits the search ends `unknown` at once rather than
+    after a call that runs past the deadline (a stopped call's step still ends late: checks sit between steps).
     """
     effort = [0]  # domains bounded so far, also when a bound call is stopped by a limit
     outcome = within_budget(lambda: _branch_and_bound(bounder, network, options, sample, label, root, deadline,
@@ -141,14 +170,19 @@ def _branch_and_bound(bounder, network, options, sample, label, root, deadline, 
                     None if root.coeff_upper is None else root.coeff_upper[0], root.intermediate_of(0), 0)]
     reused = bounder.relu_inputs[1:]
     branches = 0
+    rates: dict[bool, float] = {}  # seconds per domain of the last cheap (False) and refresh (True) bound call
     while queue:
         if time.perf_counter() > deadline:
             return SearchOutcome("unknown", branches=branches, stage="timeout")
         queue.sort(key=lambda item: item.margin)
         take = max(1, bounder.planner.size(batch) // 2)  # two children per picked domain
-        picked, queue = queue[:take], queue[take:]
-        children: list[tuple[Domain, np.ndarray, np.ndarray]] = []
-        for parent in picked:
+        plans = _fitting(queue[:take], rates, deadline - time.perf_counter(), refresh_every)
+        if not plans:  # not even one domain's cheap bound fits the time left
+            return SearchOutcome("unknown", branches=branches, stage="timeout",
+                                 notes={"stopped": "the next bound call would pass the deadline"})
+        picked, queue = queue[:len(plans)], queue[len(plans):]
+        children: list[tuple[Domain, np.ndarray, np.ndarray, bool]] = []
+        for parent, is_refresh in zip(picked, plans):
             if domain_size(parent.first, parent.last) <= leaf_limit:
                 hit = enumerate_domain(network, options, sample, label, parent.first, parent.last)
                 if hit is not None:
@@ -159,20 +193,20 @@ def _branch_and_bound(bounder, network, options, sample, label, root, deadline, 
             mid = (parent.first[pixel] + parent.last[pixel]) // 2
             low_last, high_first = parent.last.copy(), parent.first.copy()
             low_last[pixel], high_first[pixel] = mid, mid + 1
-            children += [(parent, parent.first, low_last), (parent, high_first, parent.last)]
+            children += [(parent, parent.first, low_last, is_refresh), (parent, high_first, parent.last, is_refresh)]
         if not children:
             continue
         branches += len(children)
         effort[0] = branches
-        refresh = [c for c in children if c[0].age + 1 >= refresh_every or c[0].intermediate is None]
-        cheap = [c for c in children if not (c[0].age + 1 >= refresh_every or c[0].intermediate is None)]
-        for group, is_refresh in ((cheap, False), (refresh, True)):
+        for is_refresh in (False, True):
+            group = [c for c in children if c[3] == is_refresh]
             if not group:
                 continue
             if time.perf_counter() > deadline:
                 return SearchOutcome("unknown", branches=branches, stage="timeout")
             parents = [c[0] for c in group]
             firsts, lasts = np.stack([c[1] for c in group]), np.stack([c[2] for c in group])
+            clock = time.perf_counter()
             if is_refresh:
                 bounds = bounder.bound(options, np.full(len(group), sample), firsts, lasts,
                                        labels.repeat(len(group)), reference=_stack(parents, bounder.relu_inputs),
@@ -180,6 +214,7 @@ def _branch_and_bound(bounder, network, options, sample, label, root, deadline, 
             else:
                 bounds = bounder.bound(options, np.full(len(group), sample), firsts, lasts,
                                        labels.repeat(len(group)), fixed=_stack(parents, reused), deadline=deadline)
+            rates[is_refresh] = (time.perf_counter() - clock) / len(group)
             open_ = ~(bounds.margins > 0).all(dim=1).numpy()
             idx = np.flatnonzero(open_)
             if idx.size == 0:

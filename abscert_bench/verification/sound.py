@@ -71,8 +71,8 @@ class SoundVerifier(Verifier):
     CROWN bounds an intermediate layer's unstable neurons N at a time — auto_LiRPA's batched CROWN, the same
     bounds in less memory per step, so a wide network's bound fits the budget), `intermediate` ('auto',
     'forward', 'backward': how the ReLU-input bounds are found, see `sound.bounds.INTERMEDIATE_MODES`),
-    `bab_refresh` ('lirpa', 'windows', 'second-conv': how branch and bound recomputes a domain's ReLU-input bounds, see
-    `sound.bounds.REFRESH_MODES`), `seed`.
+    `bab_refresh` ('auto', 'lirpa', 'windows', 'second-conv': how branch and bound recomputes a domain's ReLU-input
+    bounds, see `sound.bounds.REFRESH_MODES`), `seed`.
 
     Time and memory are limits, not failures: the per-sample `timeout` covers every stage including the root
     bound (auto_LiRPA is stopped at the next layer boundary), and a sample past it is `unknown` (stage
@@ -88,7 +88,7 @@ class SoundVerifier(Verifier):
         self, timeout: float = 10.0, bound_method: str = "crown", enumerate_limit: int = 256,
         attack: bool = True, attack_steps: int = 3, attack_restarts: int = 1, bab_batch: int = 32,
         fast_first: bool = True, memory_mb: float = DEFAULT_MEMORY_MB, crown_batch: int = 0, seed: int = 0,
-        intermediate: str = "auto", bab_refresh: str = "lirpa",
+        intermediate: str = "auto", bab_refresh: str = "auto",
     ) -> None:
         if not timeout > 0:
             raise UserError(f"abscert-sound: timeout must be > 0 seconds, got {timeout}")

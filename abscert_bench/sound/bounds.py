@@ -377,9 +377,9 @@ class HullBounder:
         with torch.no_grad() if method != "alpha-crown" else nullcontext():
             # a BaB refresh (reference bounds from the parent) stays with CROWN: with the reference it bounds only
             # the unstable neurons, so it is cheap, and it is what tightens a child's bounds beyond its parent's
-            # (with refresh 'windows' a refresh is CROWN of the parent's unstable neurons, `ForwardBounds.refreshed`)
+            # (a windows refresh, `windows_refresh`: CROWN of the parent's unstable neurons, `ForwardBounds.refreshed`)
             refreshed = None
-            if need_a and reference and self.windows_refresh() \
+            if need_a and reference and self.forward is not None and self.windows_refresh() \
                     and set(self.relu_inputs) <= set(reference):
                 refreshed = self.forward.refreshed(x_lo, x_hi, [reference[name] for name in self.relu_inputs],
                                                    self.planner.limits.check)

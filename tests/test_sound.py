@@ -404,6 +404,7 @@ def test_bab_calls_fit_the_time_left(monkeypatch):
                                       enumerate_limit=1)
     assert outcome.status == "unknown" and outcome.stage == "timeout"
     assert "would pass the deadline" in outcome.notes["stopped"]
+    assert calls[0][0] == "refresh"  # the root's children are refreshed at once
     assert {kind for kind, *_ in calls} == {"cheap", "refresh"}
     assert all(end <= deadline + 1e-9 for *_, end in calls)
     assert deadline - clock[0] < 0.2  # it stopped only when one more domain pair's cheap bound did not fit

@@ -140,11 +140,12 @@ def branch_and_bound(
     Children reuse their parent's bounds on every ReLU input but the first (sound: a child's hull lies in
     its parent's), so a child costs one backward pass for the margins instead of a full CROWN run; every
     `refresh_every` splits a domain's ReLU-input bounds are recomputed, tightened by the parent's — and at once for
-    the root's children (a cheap bound recomputes only the first ReLU layer, which on a deep network leaves a root
-    child's margins where the root's were; on AbsCert DM_Large, where a refresh takes 1–2 s a domain and the search
-    rarely reaches a second level in time, refreshing the root's children decided 2 of its 4 unknown samples among
-    the first 20 pixel test images, against 0 — scratch probe, 2026-12-07; the pixel DM_Medium's 7 branching samples
-    among its first 50 kept their verdicts).
+    the root's children where refreshes are by windows (`HullBounder.windows_refresh`: deep chains whose root bounds
+    came from the forward pass). A cheap bound recomputes only the first ReLU layer, which there leaves a root child's
+    margins near the root's; on AbsCert DM_Large, where a refresh takes 1–2 s a domain and the search rarely reaches
+    a second level in time, refreshing the root's children decided 2 of the 4 samples left unknown among the first 20
+    pixel test images, against 0 (scratch probe, 2026-12-07; the pixel DM_Medium's 7 branching samples among its
+    first 50 kept their verdicts).
 
     The time left also sizes the calls (`_fitting`): once a kind of call (cheap, refresh) has run, its seconds per
     domain plan the next one, so a call is expected to end by the deadline — a child due for a refresh that does
@@ -173,7 +174,7 @@ def _branch_and_bound(bounder, network, options, sample, label, root, deadline, 
     queue = [Domain(float(root.margins[0].min()), first0, last0, root.split_score[0],
                     None if root.coeff_lower is None else root.coeff_lower[0],
                     None if root.coeff_upper is None else root.coeff_upper[0], root.intermediate_of(0),
-                    refresh_every - 1)]  # (the root's children are due for a refresh)
+                    refresh_every - 1 if bounder.windows_refresh() else 0)]  # (age: its children's refresh due)
     reused = bounder.relu_inputs[1:]
     branches = 0
     rates: dict[bool, float] = {}  # seconds per domain of the last cheap (False) and refresh (True) bound call

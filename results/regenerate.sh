@@ -75,6 +75,9 @@ for run in "dm_medium pixel 50" "dm_medium official 50" "dm_large pixel 20"; do
     --checkpoint "$here/$S/models/$1-$2.pt" --json "$here/$S/records.json" --label before)
 done
 git worktree remove --force /tmp/abscert-before
+# CNN7-BN (Shi et al.'s 7-layer network), first 20 pixel images (trained by the script, ~40 s an epoch here)
+.venv/bin/python benchmarks/sound_benchmark.py --model cnn7 --config pixel --samples 20 \
+  --checkpoint $S/models/cnn7-pixel.pt --json $S/records.json --label after
 for run in "dm_medium pixel 50 lirpa" "dm_medium pixel 50 second-conv" "dm_large pixel 20 lirpa"; do
   set -- $run
   .venv/bin/python benchmarks/sound_benchmark.py --model $1 --config $2 --samples $3 \

@@ -154,8 +154,6 @@ EXTRA_MODES = {
     "windows-refresh": {"enumerate_limit": 0, "attack": False, "bab_refresh": "windows"},
     # branch and bound's refreshes with the first two ReLU layers by `second.SecondLayerBounds`
     "second-conv": {"enumerate_limit": 0, "attack": False, "bab_refresh": "second-conv"},
-    # the defaults with forced branch and bound: on a deep chain, forward root bounds and windows refreshes ('auto')
-    "auto": {"enumerate_limit": 0, "attack": False},
 }
 EXTRA = [CONFIGS[0] + ("ibp",), CONFIGS[1] + ("ibp",), CONFIGS[0] + ("alpha",), CONFIGS[4] + ("alpha",),
          CONFIGS[0] + ("batched",), ("point", 0.25, 0.08, 0.0, "conv2", "batched"), CONFIGS[2] + ("batched",),
@@ -165,7 +163,8 @@ EXTRA += [("point", 0.25, 0.08, 0.0, "deep", "forward"), ("region", 0.25, 0.15, 
           ("point", 0.2, 0.15, 0.0, "deep", "forward"), ("point", 0.25, 0.08, 0.0, "conv2", "forward-alpha")]
 EXTRA += [("point", 0.25, 0.08, 0.0, "conv2", "windows-refresh"), ("point", 0.2, 0.15, 0.0, "deep", "windows-refresh"),
           ("region", 0.25, 0.15, 0.05, "deep", "windows-refresh")]
-EXTRA += [("point", 0.2, 0.15, 0.0, "deep", "auto"), ("region", 0.25, 0.15, 0.05, "deep", "auto")]
+# the defaults with forced branch and bound on a deep chain: forward root bounds and windows refreshes ('auto')
+EXTRA += [("point", 0.2, 0.15, 0.0, "deep", "bab"), ("region", 0.25, 0.15, 0.05, "deep", "bab")]
 EXTRA += [("point", 0.25, 0.08, 0.0, "conv2", "second-conv"), ("point", 0.2, 0.15, 0.0, "conv2", "second-conv"),
           ("region", 0.25, 0.15, 0.05, "conv2", "second-conv")]
 
@@ -174,7 +173,7 @@ EXTRA += [("point", 0.25, 0.08, 0.0, "conv2", "second-conv"), ("point", 0.2, 0.1
                          ids=lambda c: f"{c[0]}-d{c[1]}-eps{c[2]}-{c[4]}" + (f"-{c[5]}" if len(c) > 5 else ""))
 def test_agrees_with_brute_force(config):
     variant, d, eps, abs_eps, kind = config[:5]
-    modes = {config[5]: EXTRA_MODES[config[5]]} if len(config) > 5 else MODES
+    modes = {config[5]: {**MODES, **EXTRA_MODES}[config[5]]} if len(config) > 5 else MODES
     seen = set()
     for seed in range(3):
         trained = tiny_model(seed, variant, d, abs_eps, kind)
@@ -399,7 +398,7 @@ def test_bab_calls_fit_the_time_left(monkeypatch, refresh):
         return result
 
     bounder.bound = bound
-    root = real(options, np.array([0]), np.zeros((1, 9), dtype=np.int64), options.count[:1] - 1, y)
+    root = real(options, np.array([0]), np.zeros_like(options.count[:1]), options.count[:1] - 1, y)
     deadline = 6.0
     outcome = search.branch_and_bound(bounder, trained.network, options, 0, int(y[0]), root, deadline, batch=8,
                                       enumerate_limit=1)

@@ -113,10 +113,11 @@ def _fitting(candidates: list[Domain], rates: dict[bool, float], left: float, re
     plans: list[bool] = []
     spent = 0.0
     for parent in candidates:
-        due = parent.age + 1 >= refresh_every or parent.intermediate is None
-        for is_refresh in ((True, False) if due else (False,)):
-            if is_refresh is False and parent.intermediate is None:
-                continue  # (no bounds of its own to reuse)
+        if parent.intermediate is None:  # no ReLU-input bounds of its own to reuse: a refresh or nothing
+            kinds: tuple[bool, ...] = (True,)
+        else:
+            kinds = (True, False) if parent.age + 1 >= refresh_every else (False,)
+        for is_refresh in kinds:
             cost = 2 * rates.get(is_refresh, 0.0)
             if spent + cost <= left:
                 plans.append(is_refresh)

@@ -152,6 +152,8 @@ EXTRA_MODES = {
     "forward-alpha": {"enumerate_limit": 0, "attack": False, "intermediate": "forward", "bound_method": "alpha-crown"},
     # branch and bound's refreshes by CROWN of the parent's unstable neurons (`ForwardBounds.refreshed`)
     "windows-refresh": {"enumerate_limit": 0, "attack": False, "bab_refresh": "windows"},
+    # α-CROWN on the margins of the root and of every domain branch and bound leaves open (`sound.alpha`)
+    "alpha-margins": {"enumerate_limit": 0, "attack": False, "alpha_iterations": 30, "bab_alpha": 5},
     # branch and bound's refreshes with the first two ReLU layers by `second.SecondLayerBounds`
     "second-conv": {"enumerate_limit": 0, "attack": False, "bab_refresh": "second-conv"},
 }
@@ -165,6 +167,8 @@ EXTRA += [("point", 0.25, 0.08, 0.0, "conv2", "windows-refresh"), ("point", 0.2,
           ("region", 0.25, 0.15, 0.05, "deep", "windows-refresh")]
 # the defaults with forced branch and bound on a deep chain: forward root bounds and windows refreshes ('auto')
 EXTRA += [("point", 0.2, 0.15, 0.0, "deep", "bab"), ("region", 0.25, 0.15, 0.05, "deep", "bab")]
+EXTRA += [CONFIGS[2] + ("alpha-margins",), ("region", 0.25, 0.15, 0.05, "conv2", "alpha-margins"),
+          ("point", 0.2, 0.15, 0.0, "deep", "alpha-margins")]
 EXTRA += [("point", 0.25, 0.08, 0.0, "conv2", "second-conv"), ("point", 0.2, 0.15, 0.0, "conv2", "second-conv"),
           ("region", 0.25, 0.15, 0.05, "conv2", "second-conv")]
 
@@ -583,6 +587,47 @@ def test_window_back_substitution_is_crown():
         assert checked > 0
 
 
+@pytest.mark.parametrize("kind", ["deep", "strided"])
+def test_optimized_margins_start_at_crown_and_hold(kind):
+    """α-CROWN on the margins over fixed ReLU-input bounds (`alpha.optimized_margins`): with no step it is
+    auto_LiRPA's CROWN given the same ReLU-input bounds; optimised, it is never below that, raises some margin, and
+    holds on sampled inputs of the box."""
+    from abscert_bench.lirpa import bounded_input, margin_matrix
+    from abscert_bench.lirpa_compat import lirpa
+    from abscert_bench.sound.alpha import optimized_margins
+    from abscert_bench.sound.forward import ForwardBounds
+
+    torch.manual_seed(3)
+    if kind == "deep":
+        net = tiny_model(5, "point", 0.2, kind="deep").network
+        x = torch.rand(4, *(2 * SHAPE[0], *SHAPE[1:]))
+    else:
+        net = nn.Sequential(nn.Conv2d(2, 4, 3, 1, 1), nn.ReLU(), nn.Conv2d(4, 6, 4, 2, 1), nn.ReLU(), nn.Flatten(),
+                            nn.Linear(6 * 4 * 4, 16), nn.ReLU(), nn.Linear(16, CLASSES)).eval()
+        x = torch.rand(4, 2, 8, 8)
+    x_lo, x_hi = x - 0.3 * torch.rand_like(x), x + 0.3 * torch.rand_like(x)
+    chain = ForwardBounds.of(net)
+    assert chain is not None
+    labels = torch.arange(len(x)) % CLASSES
+    spec = margin_matrix(labels, CLASSES)
+    with torch.no_grad():
+        relu_bounds = chain.relu_inputs(x_lo, x_hi, [None] * chain.relus)
+        engine = lirpa().BoundedModule(net, torch.zeros(1, *x.shape[1:]))
+        names = [node.inputs[0].name for node in engine._modules.values() if type(node).__name__ == "BoundRelu"]
+        crown, _ = engine.compute_bounds(x=(bounded_input(x_lo, x_hi),), C=spec, method="CROWN", bound_upper=False,
+                                         intermediate_layer_bounds=dict(zip(names, relu_bounds)))
+    start = optimized_margins(chain, x_lo, x_hi, relu_bounds, spec, 0)
+    assert torch.allclose(start, crown, atol=1e-4, rtol=1e-5)
+    tuned = optimized_margins(chain, x_lo, x_hi, relu_bounds, spec, 30)
+    assert bool((tuned >= crown - 1e-4).all())
+    assert float((tuned - crown).max()) > 1e-3, "the slopes should move some margin"
+    with torch.no_grad():
+        samples = x_lo + (x_hi - x_lo) * torch.rand(512, *x.shape)
+        logits = net(samples.flatten(0, 1)).view(512, len(x), -1)
+        margins = torch.einsum("nsk,bnk->bns", spec, logits)
+    assert bool((margins >= tuned - 1e-4).all())
+
+
 @pytest.mark.parametrize("geometry", [dict(kernel_size=4, stride=2, padding=1), dict(kernel_size=3, stride=2),
                                       dict(kernel_size=(3, 2), stride=(1, 3), padding=(2, 0)),
                                       dict(kernel_size=3, padding=2, dilation=2), dict(kernel_size=3, groups=2)])
@@ -833,7 +878,8 @@ def test_bad_input():
     with pytest.raises(UserError):
         verifier.verify(standard, x, y, 0.1)
     for options in ({"timeout": 0}, {"bound_method": "nope"}, {"enumerate_limit": -1}, {"crown_batch": -1},
-                    {"crown_batch": 1.5}, {"crown_batch": True}, {"intermediate": "sideways"}):
+                    {"crown_batch": 1.5}, {"crown_batch": True}, {"intermediate": "sideways"},
+                    {"alpha_iterations": -1}, {"bab_alpha": -2}):
         with pytest.raises(UserError):
             create_verifier("abscert-sound", **options)
 

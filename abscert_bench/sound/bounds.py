@@ -37,6 +37,7 @@ from ..budget import DEFAULT_MEMORY_MB, BatchPlanner, OutOfMemoryBudget, guarded
 from ..devices import module_device
 from ..lirpa import LIRPA_METHODS, bounded_input, margin_matrix
 from ..lirpa_compat import lirpa
+from .alpha import optimized_margins
 from .choices import PixelOptions
 from .forward import ForwardBounds
 from .second import SecondLayerBounds
@@ -176,6 +177,16 @@ class DomainBounds:
     coeff_upper: np.ndarray | None
     intermediate: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
     forward: bool = False  # the ReLU-input bounds came from the forward pass (`forward.ForwardBounds`)
+
+    def select(self, index: np.ndarray) -> DomainBounds:
+        """The bounds of the domains `index` only."""
+        return DomainBounds(
+            self.margins[index], self.split_score[index],
+            None if self.coeff_lower is None else self.coeff_lower[index],
+            None if self.coeff_upper is None else self.coeff_upper[index],
+            None if self.intermediate is None else {name: (lo[index], hi[index])
+                                                    for name, (lo, hi) in self.intermediate.items()},
+            self.forward)
 
     def intermediate_of(self, i: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]] | None:
         """Domain i's bounds on every ReLU layer's input (batch dimension of 1), or None."""
@@ -334,6 +345,24 @@ class HullBounder:
                 if len(samples) > 1:  # a batch may fit smaller; one domain that did not fit never will: stay batched
                     self.bounded.bound_opts["crown_batch_size"] = np.inf
                     self.batched = False
+
+    def optimized(self, options: PixelOptions, samples: np.ndarray, first: np.ndarray, last: np.ndarray,
+                  labels: torch.Tensor, bounds: DomainBounds, iterations: int, deadline: float | None = None,
+                  ) -> torch.Tensor:
+        """`bounds.margins` of n domains raised by α-CROWN over their ReLU-input bounds (`alpha.optimized_margins`,
+        at most `iterations` steps; the ReLU-input bounds stay as they are). The margins as they are where the
+        network is not a chain or the bounds carry no ReLU-input bounds. Raises BoundTimeout past `deadline` and
+        OutOfMemoryBudget past the planner's budget."""
+        if self.forward is None or bounds.intermediate is None or iterations <= 0 \
+                or not set(self.relu_inputs) <= set(bounds.intermediate):
+            return bounds.margins
+        x_lo, x_hi, _ = self.box(options, samples, first, last)
+        spec = margin_matrix(labels.to(self.device), self.num_classes)
+        relu_bounds = [bounds.intermediate[name] for name in self.relu_inputs]
+        forward = self.forward
+        found = self.planner.call(lambda: optimized_margins(forward, x_lo, x_hi, relu_bounds, spec, iterations,
+                                                            self.planner.limits.check), len(samples), deadline)
+        return torch.maximum(bounds.margins, found.detach().cpu())
 
     def box(self, options: PixelOptions, samples: np.ndarray, first: np.ndarray, last: np.ndarray):
         """The bounded module's input box (x_lo, x_hi: n × 2C × H × W, on the engine's device) of n domains, and

@@ -78,8 +78,9 @@ class Affine:
 
 
 def _affine(layer: nn.Module) -> Affine | None:
+    # the layers' tensors are constants here (detached views: bounds never train the network)
     if isinstance(layer, nn.Conv2d) and layer.padding_mode == "zeros" and not isinstance(layer.padding, str):
-        w, b = layer.weight, layer.bias
+        w, b = layer.weight.detach(), None if layer.bias is None else layer.bias.detach()
         stride, padding, dilation, groups = layer.stride, layer.padding, layer.dilation, layer.groups
 
         def window(lam: torch.Tensor, top: torch.Tensor, left: torch.Tensor):
@@ -107,7 +108,7 @@ def _affine(layer: nn.Module) -> Affine | None:
                       lambda x: F.conv2d(x, w.abs(), None, stride, padding, dilation, groups),
                       back, window, unit if groups == 1 and tuple(dilation) == (1, 1) else None)
     if isinstance(layer, nn.Linear):
-        w, b = layer.weight, layer.bias
+        w, b = layer.weight.detach(), None if layer.bias is None else layer.bias.detach()
         return Affine(lambda x, bias: F.linear(x, w, b if bias else None), lambda x: F.linear(x, w.abs()),
                       lambda lam, shape: lam @ w)
     if isinstance(layer, nn.Flatten):
@@ -117,10 +118,11 @@ def _affine(layer: nn.Module) -> Affine | None:
                       lambda lam, top, left: (lam, top, left, lam.new_zeros(len(lam))))
     if isinstance(layer, (nn.BatchNorm1d, nn.BatchNorm2d)) and not layer.training \
             and layer.running_mean is not None and layer.running_var is not None:
-        scale = torch.rsqrt(layer.running_var + layer.eps)
-        if layer.weight is not None:
-            scale = scale * layer.weight
-        shift = -layer.running_mean * scale + (layer.bias if layer.bias is not None else 0.0)
+        with torch.no_grad():
+            scale = torch.rsqrt(layer.running_var + layer.eps)
+            if layer.weight is not None:
+                scale = scale * layer.weight
+            shift = -layer.running_mean * scale + (layer.bias if layer.bias is not None else 0.0)
 
         def shaped(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
             return t.view(1, -1, *([1] * (x.dim() - 2)))
@@ -274,12 +276,7 @@ class ForwardBounds:
         n = len(x_lo)
         a_in, b_in = _input_state(x_lo, x_hi)
         states: dict[int, tuple[torch.Tensor, ...]] = {-1: (a_in, a_in, x_lo.flatten(1), b_in)}
-        shapes: list[tuple[int, ...]] = []
-        probe = x_lo[:1]
-        for step in self.steps:
-            shapes.append(tuple(probe.shape[1:]))
-            if step is not None:
-                probe = step.apply(probe, True)
+        shapes = self.shapes(x_lo)
         bounds: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         out: list[tuple[torch.Tensor, torch.Tensor]] = []
         relu = 0
@@ -304,6 +301,17 @@ class ForwardBounds:
             bounds[index] = (lower, upper)
             out.append((lower.view(-1, *shapes[index]), upper.view(-1, *shapes[index])))
         return out
+
+    def shapes(self, like: torch.Tensor) -> list[tuple[int, ...]]:
+        """Each step's input shape (without the batch dimension) for inputs shaped like `like`, then the output's."""
+        shapes: list[tuple[int, ...]] = []
+        probe = like[:1]
+        with torch.no_grad():
+            for step in self.steps:
+                shapes.append(tuple(probe.shape[1:]))
+                if step is not None:
+                    probe = step.apply(probe, True)
+        return [*shapes, tuple(probe.shape[1:])]
 
     def windowed(self, index: int, shapes: list[tuple[int, ...]]) -> bool:
         """Whether every step before `index` maps C×H×W maps by neighbourhoods (see `Affine.window`)."""

@@ -131,7 +131,7 @@ def _fitting(candidates: list[Domain], rates: dict[bool, float], left: float, re
 def branch_and_bound(
     bounder: HullBounder, network: nn.Module, options: PixelOptions, sample: int, label: int,
     root: DomainBounds | None, deadline: float, batch: int = 32, enumerate_limit: int = 256,
-    refresh_every: int = 2,
+    refresh_every: int = 2, alpha_iterations: int = 0,
 ) -> SearchOutcome:
     """Decide one sample by branch and bound over its choice pixels, until verified, falsified or deadline.
 
@@ -155,7 +155,8 @@ def branch_and_bound(
     """
     effort = [0]  # domains bounded so far, also when a bound call is stopped by a limit
     outcome = within_budget(lambda: _branch_and_bound(bounder, network, options, sample, label, root, deadline,
-                                                      batch, enumerate_limit, refresh_every, effort))
+                                                      batch, enumerate_limit, refresh_every, alpha_iterations,
+                                                      effort))
     if isinstance(outcome, BaseException):
         return SearchOutcome("unknown", branches=effort[0], stage=budget_stage(outcome),
                              notes={"stopped": str(outcome)})
@@ -163,7 +164,7 @@ def branch_and_bound(
 
 
 def _branch_and_bound(bounder, network, options, sample, label, root, deadline, batch, enumerate_limit,
-                      refresh_every, effort: list[int]) -> SearchOutcome:
+                      refresh_every, alpha_iterations, effort: list[int]) -> SearchOutcome:
     labels = torch.tensor([label])
     first0 = np.zeros(options.count.shape[1], dtype=np.int64)
     last0 = options.count[sample] - 1
@@ -222,9 +223,14 @@ def _branch_and_bound(bounder, network, options, sample, label, root, deadline, 
             else:
                 bounds = bounder.bound(options, np.full(len(group), sample), firsts, lasts,
                                        labels.repeat(len(group)), fixed=_stack(parents, reused), deadline=deadline)
-            rates[is_refresh] = (time.perf_counter() - clock) / len(group)
             open_ = ~(bounds.margins > 0).all(dim=1).numpy()
             idx = np.flatnonzero(open_)
+            if alpha_iterations and idx.size:  # α-CROWN on the open domains' margins (`HullBounder.optimized`)
+                bounds.margins[idx] = bounder.optimized(options, np.full(idx.size, sample), firsts[idx], lasts[idx],
+                                                        labels.repeat(idx.size), bounds.select(idx),
+                                                        alpha_iterations, deadline)
+                idx = np.flatnonzero(~(bounds.margins > 0).all(dim=1).numpy())
+            rates[is_refresh] = (time.perf_counter() - clock) / len(group)
             if idx.size == 0:
                 continue
             if bounds.coeff_lower is not None:

@@ -11,7 +11,8 @@ of small discrete sets. Per sample, in order:
                 concrete image x' that must pass `recheck_counterexample` (f itself, ball, [0,1]).
 4. bounds     – auto_LiRPA bounds over the hull of all reachable abstract inputs (`sound.bounds`): a
                 batched cheap pass (IBP for all ReLU inputs but the last, CROWN after), then CROWN (or
-                `bound_method`) per sample; all margins positive → verified.
+                `bound_method`) per sample, and where that does not decide, α-CROWN on its margins over the ReLU-input
+                bounds found (`sound.alpha`; by default on deep chains); all margins positive → verified.
 5. bab        – branch and bound over the choice pixels (`sound.search`) until verified, a re-checked
                 counterexample, or `timeout` seconds for the sample → unknown (stage 'timeout').
 

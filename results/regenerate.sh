@@ -78,20 +78,20 @@ git worktree remove --force /tmp/abscert-before
 # CNN7-BN (Shi et al.'s 7-layer network), first 20 pixel images (trained by the script, ~40 s an epoch here)
 .venv/bin/python benchmarks/sound_benchmark.py --model cnn7 --config pixel --samples 20 \
   --checkpoint $S/models/cnn7-pixel.pt --json $S/records.json --label after
-for run in "dm_medium pixel 50 lirpa" "dm_medium pixel 50 second-conv" "dm_large pixel 20 lirpa"; do
-  set -- $run
-  .venv/bin/python benchmarks/sound_benchmark.py --model $1 --config $2 --samples $3 \
-    --checkpoint $S/models/$1-$2.pt --verifier-options "{\"bab_refresh\": \"$4\"}" \
-    --json $S/records.json --label after
-done
-# α-CROWN on the root margins (sound/alpha.py): off on the pixel DM_Medium's first 50 and DM_Large's first 20 (where it
-# is on by default), on for the pixel DM_Small (where it is off by default)
-for run in "dm_medium pixel 50 0" "dm_large pixel 20 0" "dm_small pixel 2004 20"; do
-  set -- $run
-  .venv/bin/python benchmarks/sound_benchmark.py --model $1 --config $2 --samples $3 \
-    --checkpoint $S/models/$1-$2.pt --verifier-options "{\"alpha_iterations\": $4}" \
-    --json $S/records.json --label after
-done
+# the refreshes other than the default on the pixel DM_Medium's first 50 and DM_Large's first 20; α-CROWN on the root
+# margins (sound/alpha.py) off where it is on by default, and on for the pixel DM_Small (where it is off by default)
+while read -r model config samples options; do
+  .venv/bin/python benchmarks/sound_benchmark.py --model $model --config $config --samples $samples \
+    --checkpoint $S/models/$model-$config.pt --verifier-options "$options" --json $S/records.json --label after \
+    </dev/null
+done <<'RUNS'
+dm_medium pixel 50 {"bab_refresh": "lirpa"}
+dm_medium pixel 50 {"bab_refresh": "second-conv"}
+dm_large pixel 20 {"bab_refresh": "lirpa"}
+dm_medium pixel 50 {"alpha_iterations": 0}
+dm_large pixel 20 {"alpha_iterations": 0}
+dm_small pixel 2004 {"alpha_iterations": 20}
+RUNS
 # CROWN on natural DM_Large: "before" with the guard of commit e8ad8fc (memory checked between steps only, a stopped
 # pass kept its matrices), "after" with the current one (one-step memory look-ahead)
 git worktree add -f /tmp/abscert-guard e8ad8fc

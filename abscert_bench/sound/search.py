@@ -152,6 +152,9 @@ def branch_and_bound(
     domain plan the next one, so a call is expected to end by the deadline — a child due for a refresh that does
     not fit is bounded cheaply instead, and when not even that fits the search ends `unknown` at once rather than
     after a call that runs past the deadline (a stopped call's step still ends late: checks sit between steps).
+
+    `alpha_iterations` > 0 raises the margins of every domain a call leaves open by that many steps of α-CROWN over
+    their ReLU-input bounds (`HullBounder.optimized`), counted in the call's measured time.
     """
     effort = [0]  # domains bounded so far, also when a bound call is stopped by a limit
     outcome = within_budget(lambda: _branch_and_bound(bounder, network, options, sample, label, root, deadline,

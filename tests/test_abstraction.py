@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from abscert_bench.abstraction import (
+    EDGE_TOLERANCE,
     Abstraction,
     cell_index,
     cell_lower,
@@ -98,10 +99,14 @@ def test_reachable_set_contains_cell_of_every_ball_point(v, eps, d, t):
 
 
 def test_phi_shape_and_channels():
-    x = torch.rand(4, 3, 5, 5)
+    x = torch.rand(4, 3, 5, 5, generator=torch.Generator().manual_seed(0))
+    x[0, 0, 0, :3] = torch.tensor([0.25, 0.25 - 0.25 * EDGE_TOLERANCE / 2, 0.5])  # on an edge, and just below one
     out = phi(x, 0.25)
     assert out.shape == (4, 6, 5, 5)
-    assert torch.all(out[:, :3] <= x) and torch.all(x <= out[:, 3:] + 1e-6)
+    # the cell rule's tolerance moves each edge down by EDGE_TOLERANCE of a cell: a value that close below an edge
+    # belongs to the cell above it
+    assert torch.all(out[:, :3] <= x + 0.25 * EDGE_TOLERANCE) and torch.all(x <= out[:, 3:] + 1e-6)
+    assert float(out[0, 0, 0, 1]) == 0.25 and float(out[0, 0, 0, 0]) == 0.25
 
 
 def test_region_phi_covers_interval():

@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 import torch
 
-from .forward import ForwardBounds, relaxation
+from .forward import ForwardBounds, bias_map, relax_side, relaxation
 
 #: Adam's step on the slopes (α in [0, 1]); iterations stop early once every row is positive, or after PATIENCE
 #: iterations without a better total
@@ -40,14 +40,7 @@ def optimized_margins(
     keeps its CROWN bounds then."""
     n, rows = spec.shape[:2]
     shapes = forward.shapes(x_lo)
-    biases: list[torch.Tensor | None] = []
-    for step, shape in zip(forward.steps, shapes):
-        bias = None
-        if step is not None:
-            with torch.no_grad():
-                bias = step.apply(x_lo.new_zeros(1, *shape), True).reshape(-1)
-            bias = bias if bool(bias.any()) else None
-        biases.append(bias)
+    biases = [None if step is None else bias_map(step, shape, x_lo) for step, shape in zip(forward.steps, shapes)]
     fixed, alphas = [], []
     for lower, upper in relu_bounds:
         lower, upper = lower.reshape(n, -1).detach(), upper.reshape(n, -1).detach()
@@ -68,9 +61,9 @@ def optimized_margins(
                 lo_slope, up_slope, up_shift, unstable = fixed[relu]
                 slope = torch.where(unstable, alphas[relu].clamp(0.0, 1.0), lo_slope)
                 flat = lam.reshape(n, rows, -1)
-                pos, neg = flat.clamp(min=0), flat.clamp(max=0)
-                const = const + (neg * up_shift).sum(-1)
-                lam = (pos * slope + neg * up_slope).reshape(n * rows, -1)
+                lam, add = relax_side(flat.clamp(min=0), flat.clamp(max=0), slope, up_slope, up_shift,
+                                      lambda a, b: (a * b).sum(-1))
+                const, lam = const + add, lam.reshape(n * rows, -1)
                 continue
             bias = biases[index]
             if bias is not None:
@@ -81,7 +74,7 @@ def optimized_margins(
 
     optimizer = torch.optim.Adam(alphas, lr=lr)
     best = None
-    stale, best_total = 0, -float("inf")
+    stale, previous = 0, -float("inf")
     for iteration in range(iterations + 1):
         if check is not None:
             check(0.0)
@@ -89,9 +82,9 @@ def optimized_margins(
             margins = bound()
         value = margins.detach()
         best = value if best is None else torch.maximum(best, value)
-        total = float(best.sum())
-        stale = 0 if total > best_total + 1e-6 * max(1.0, abs(best_total)) else stale + 1
-        best_total = max(best_total, total)
+        total = float(best.sum())  # (never falls: the best rows only rise)
+        stale = 0 if total > previous + 1e-6 * max(1.0, abs(previous)) else stale + 1
+        previous = total
         if iteration == iterations or bool((best > 0).all()) or stale >= PATIENCE:
             break
         # rows already positive need no more (each row has its own slopes, so the rows are independent)

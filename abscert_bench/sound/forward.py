@@ -452,13 +452,12 @@ class ForwardBounds:
                 lam["lo"], lam["hi"], add_lo, add_hi = _relax_columns(lam["lo"], lam["hi"], *bounds[position])
                 const["lo"], const["hi"] = const["lo"] + add_lo, const["hi"] + add_hi
             else:
-                bias = step.apply(torch.zeros(1, *shapes[position], dtype=lower.dtype, device=lower.device), True)
-                bias = bias.view(-1)
+                bias = bias_map(step, shapes[position], lower)
                 out_shape = shapes[position + 1]
                 same = lam["hi"] is lam["lo"]  # (until the first ReLU step back both sides carry the same Λ)
                 for side in ("lo",) if same else ("lo", "hi"):
                     flat = lam[side].reshape(n * r, -1)
-                    if bool(bias.any()):  # (Flatten and bias-free layers add nothing)
+                    if bias is not None:
                         const[side] = const[side] + (flat @ bias).view(n, r)
                     flat = flat.view(n * r, *out_shape)
                     lam[side] = step.back(flat, shapes[position]).reshape(n, r, -1)
@@ -535,8 +534,26 @@ def _relax_back(signs: tuple[torch.Tensor, ...], slopes: tuple[torch.Tensor, ...
     Returns Λ_lo, Λ_hi and the constants the upper intercept adds to each (`dot(Λ part, intercept)`)."""
     lo_pos, lo_neg, hi_pos, hi_neg = signs
     lo_slope, up_slope, up_shift = slopes
-    return (lo_pos * lo_slope + lo_neg * up_slope, hi_pos * up_slope + hi_neg * lo_slope,
-            dot(lo_neg, up_shift), dot(hi_pos, up_shift))
+    lam_lo, add_lo = relax_side(lo_pos, lo_neg, lo_slope, up_slope, up_shift, dot)
+    lam_hi, add_hi = relax_side(hi_neg, hi_pos, lo_slope, up_slope, up_shift, dot)
+    return lam_lo, lam_hi, add_lo, add_hi
+
+
+def relax_side(lower_part: torch.Tensor, upper_part: torch.Tensor, lo_slope: torch.Tensor, up_slope: torch.Tensor,
+               up_shift: torch.Tensor, dot: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One side of `_relax_back`: the coefficients `lower_part` take the ReLU's lower relaxation (slope `lo_slope`),
+    `upper_part` its upper line (`up_slope`, intercept `up_shift`) — for a lower bound the positive and negative parts
+    of Λ, for an upper bound the reverse. Returns the new Λ and the constant `dot(upper_part, up_shift)`."""
+    return lower_part * lo_slope + upper_part * up_slope, dot(upper_part, up_shift)
+
+
+def bias_map(step: Affine, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor | None:
+    """An affine step's constant term on inputs of `shape` (flattened, dtype and device of `like`), None when it is 0
+    (Flatten, bias-free layers)."""
+    with torch.no_grad():
+        bias = step.apply(torch.zeros(1, *shape, dtype=like.dtype, device=like.device), True).reshape(-1)
+    return bias if bool(bias.any()) else None
 
 
 def _relax_columns(lam_lo: torch.Tensor, lam_hi: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor,

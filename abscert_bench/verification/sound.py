@@ -384,26 +384,26 @@ class _BatchRun:
     def root_bound(self, bounder: HullBounder, i: int, share: float, **options: Any):
         """Sample i's bound over its whole hull within `share` of its time left (charged to bounds_s): DomainBounds,
         or the budget exception that stopped it."""
-        clock = time.perf_counter()
-        deadline = clock + share * max(0.0, self.verifier.timeout - self.seconds[i])
-        opts = self.options
-        assert opts is not None
-        result = within_budget(lambda: bounder.bound(opts, np.array([i]), self.root_first(1), opts.count[i][None] - 1,
-                                                     self.y[i:i + 1], deadline=deadline, **options))
-        self.charge(clock, [i], "bounds_s")
-        return result
+        return self.on_root(i, share, lambda opts, deadline: bounder.bound(
+            opts, np.array([i]), self.root_first(1), opts.count[i][None] - 1, self.y[i:i + 1], deadline=deadline,
+            **options))
 
     def optimized_root(self, bounder: HullBounder, i: int, root):
         """Sample i's root margins with their slopes optimised over the root's ReLU-input bounds (α-CROWN on the
         output only, `HullBounder.optimized`), within its time left (charged to bounds_s): the margins, or the budget
         exception that stopped the optimisation."""
-        clock = time.perf_counter()
-        deadline = clock + max(0.0, self.verifier.timeout - self.seconds[i])
-        opts = self.options
-        assert opts is not None
-        result = within_budget(lambda: bounder.optimized(
+        return self.on_root(i, 1.0, lambda opts, deadline: bounder.optimized(
             opts, np.array([i]), self.root_first(1), opts.count[i][None] - 1, self.y[i:i + 1], root,
             self.verifier.alpha_steps(bounder), deadline))
+
+    def on_root(self, i: int, share: float, call: Callable[[PixelOptions, float], Any]):
+        """call(options, deadline) on sample i's root domain with `share` of its time left, charged to bounds_s: its
+        result, or the budget exception that stopped it."""
+        clock = time.perf_counter()
+        deadline = clock + share * max(0.0, self.verifier.timeout - self.seconds[i])
+        opts = self.options
+        assert opts is not None
+        result = within_budget(lambda: call(opts, deadline))
         self.charge(clock, [i], "bounds_s")
         return result
 

@@ -429,6 +429,11 @@ def test_auto_refresh_is_windows_where_the_root_bounds_are_forward():
             bounder.use_forward(*bounder.root_box(options))
             assert bounder.forward_on is forward
             assert bounder.windows_refresh() is windows, (refresh, forward)
+        # α-CROWN on the root margins: by default only where the root bounds are forward; an explicit count wins
+        from abscert_bench.verification.sound import ALPHA_ITERATIONS
+
+        for steps, expected in ((None, ALPHA_ITERATIONS if forward else 0), (0, 0), (7, 7)):
+            assert create_verifier("abscert-sound", alpha_iterations=steps).alpha_steps(bounder) == expected
 
 
 @pytest.mark.parametrize("kind", ["fc", "conv2"])

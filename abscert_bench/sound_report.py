@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -15,11 +16,21 @@ def _percent(count: int, total: int) -> str:
     return f"{count} ({100 * count / total:.1f} %)" if total else "0"
 
 
+def bracket(pairs: list[tuple[Any, Any]]) -> str:
+    """'[lo, hi]': the medians, over samples, of a lower bound on each one's worst margin (`min_margin_lb`) and of the
+    attack's lowest margin (`attack_margin`, an upper bound on it); '–' without any. For the `unknown` samples the gap
+    says whether more time (a narrow bracket) or tighter bounds (a wide one, its lower end far below 0) would decide."""
+    ends = [[float(v) for v in values if v not in (None, "")] for values in zip(*pairs)] if pairs else [[], []]
+    if not ends[0] or not ends[1]:
+        return "–"
+    return f"[{np.median(ends[0]):.2f}, {np.median(ends[1]):.2f}]"
+
+
 def sound_report(results_dirs: list[Path]) -> str:
     """Markdown: per results directory (RUN/verify/eps=…), counts and median/p95 ms per stage and in total."""
     lines = ["| run | eps | samples | paper-verified | sound-verified | sound-falsified | unknown | "
              "paper-accepted, sound-falsified | " + " | ".join(f"{s[:-2]} ms median / p95" for s in STAGES)
-             + " | total ms median / p95 |", "|" + "---|" * (9 + len(STAGES))]
+             + " | total ms median / p95 | unknown: worst margin in (medians) |", "|" + "---|" * (10 + len(STAGES))]
     for directory in results_dirs:
         sound_csv = directory / "abscert-sound.csv"
         if not sound_csv.exists():
@@ -37,7 +48,11 @@ def sound_report(results_dirs: list[Path]) -> str:
         for column in [f"detail_{s}" for s in STAGES] + ["time_s"]:
             ms = np.array([1000 * float(r.get(column) or 0.0) for r in sound])
             cells.append(f"{np.median(ms):.1f} / {np.percentile(ms, 95):.1f}" if n else "–")
+        cells.append(bracket([(r.get("detail_min_margin_lb"), r.get("detail_attack_margin")) for r in sound
+                              if r["status"] == "unknown"]))
         lines.append("| " + " | ".join(cells) + " |")
     meaning = read_json(results_dirs[0] / "abscert-sound.json")["meaning"] if results_dirs else ""
     return "\n".join(lines) + f"\n\nabscert-sound answers: {meaning}. Stage times are per sample " \
-        "(0 for samples decided before the stage).\n"
+        "(0 for samples decided before the stage). The last column brackets the worst margin of the `unknown` " \
+        "samples (N's lowest logit margin over their reachable abstract inputs): the median sound lower bound " \
+        "(root bound, raised by branch and bound) and the median of the attack's lowest margin.\n"

@@ -13,6 +13,8 @@ given), then verifies the first --samples test images with the paper check and w
 prints per-stage times, decision counts, the unknown fraction and the process's peak resident memory.
 `--json` appends one record (model, config, figures, machine) to a JSON list; `--report FILE.json` prints those
 records as a markdown table (results/sound-benchmark/).
+For the `unknown` samples it prints (and records) where their worst margin lies: the medians of the sound lower
+bound (`min_margin_lb`) and of the attack's lowest margin (`attack_margin`), see `abscert_bench.sound_report.bracket`.
 Targets (2 cores, 10 s timeout, all 2,004 test images): DM_Small median <= 30 ms, p95 <= 500 ms, unknown < 1 %;
 DM_Medium median <= 300 ms, unknown < 3 %; DM_Large median <= 1 s, unknown < 5 %, peak memory <= 8 GB.
 """
@@ -36,6 +38,12 @@ sys.path.insert(0, str(ROOT))
 
 from abscert_bench.data import load_dataset  # noqa: E402
 from abscert_bench.official import recipe_for  # noqa: E402
+
+try:
+    from abscert_bench.sound_report import bracket  # noqa: E402
+except ImportError:  # a "before" run over older package code (at_commit.py), which records no margins to bracket
+    def bracket(pairs) -> str:  # type: ignore[misc]
+        return "–"
 from abscert_bench.sound.recheck import recheck_file, save_counterexamples  # noqa: E402
 from abscert_bench.trained import load_checkpoint, save_checkpoint  # noqa: E402
 from abscert_bench.training import create_method  # noqa: E402
@@ -89,7 +97,8 @@ def report(path: str) -> str:
     """A markdown table of the records in a --json file (one row per run, in the order they ran)."""
     records = json.loads(Path(path).read_text())
     head = ("| run | model | config | eps / d | timeout s | options | images | median ms | p95 ms | unknown | "
-            "verified | falsified | paper-accepted, soundly falsified | peak MiB | wall s |")
+            "verified | falsified | paper-accepted, soundly falsified | unknown: worst margin in (medians) | "
+            "peak MiB | wall s |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in records:
         options = ", ".join(f"{k} {v}" for k, v in r["verifier_options"].items()) or "–"
@@ -97,7 +106,8 @@ def report(path: str) -> str:
             f"| {r['label']} | {r['model']} | {r['config']} | {r['eps']:g} / {r['d']:.4g} | {r['timeout_s']:g} | "
             f"{options} | {r['samples']} | {r['median_ms']:.0f} | {r['p95_ms']:.0f} | {r['unknown']} "
             f"({r['unknown_pct']:.1f} %) | {r['verified']} | {r['falsified']} | "
-            f"{r['paper_verified_sound_falsified']} | {r['peak_rss_mb']:.0f} | {r['wall_s']:.0f} |")
+            f"{r['paper_verified_sound_falsified']} | {r.get('unknown_margin_bracket', '–')} | "
+            f"{r['peak_rss_mb']:.0f} | {r['wall_s']:.0f} |")
     machine = sorted({f"{r['machine']}, {r['threads']} torch threads" for r in records})
     return "\n".join(lines) + f"\n\nMachine: {'; '.join(machine)}.\n"
 
@@ -160,6 +170,11 @@ def main(argv=None) -> None:
         print(f"    {label:<16} {median_ms(r.details[key] for r in results)}   {median_ms(ran)} (n = {len(ran)})")
     print(f"  mean ms/sample {1000 * stats['time_mean_s']:.1f}, p95 {1000 * stats['time_p95_s']:.1f}, "
           f"max {1000 * times.max():.1f}")
+    open_pairs = [(r.details.get("min_margin_lb"), r.details.get("attack_margin")) for r in results
+                  if r.status == "unknown"]
+    if open_pairs:
+        print(f"  unknown samples' worst margin in (medians: sound lower bound, attack's lowest margin): "
+              f"{bracket(open_pairs)}")
     choice = [r.details["choice_pixels"] for r in results]
     print(f"  choice pixels per sample: median {np.median(choice):.0f}, max {max(choice)}")
     peak = peak_rss_mb()
@@ -179,7 +194,8 @@ def main(argv=None) -> None:
             "verified": stats["verified"], "falsified": stats["falsified"], "unknown": stats["unknown"],
             "unknown_pct": 100 * stats["unknown_fraction"],
             "paper_verified": sum(r.status == "verified" for r in paper),
-            "paper_verified_sound_falsified": both, "median_ms": 1000 * float(np.median(times)),
+            "paper_verified_sound_falsified": both, "unknown_margin_bracket": bracket(open_pairs),
+            "median_ms": 1000 * float(np.median(times)),
             "p95_ms": 1000 * float(np.percentile(times, 95)), "mean_ms": 1000 * float(times.mean()),
             "max_ms": 1000 * float(times.max()), "wall_s": wall, "peak_rss_mb": peak,
             "choice_pixels_median": float(np.median(choice)), "threads": torch.get_num_threads(),

@@ -11,6 +11,7 @@ from torch import nn
 
 from abscert_bench.abstraction import EDGE_TOLERANCE, Abstraction, cell_index, num_cells, reachable_cells
 from abscert_bench.errors import UserError
+from abscert_bench.sound.attack import margins_from_logits
 from abscert_bench.sound.bounds import HullBounder, fold_gap_form
 from abscert_bench.sound.choices import reachable_options
 from abscert_bench.sound.recheck import recheck_counterexample, recheck_file, save_counterexamples
@@ -967,3 +968,67 @@ def test_reused_verifier_sees_in_place_weight_changes(seed):
     fresh = [r.status for r in create_verifier("abscert-sound", **options).verify(trained, x, y, 0.1)]
     assert fresh != before  # the edit changes answers, so a stale engine would show
     assert [r.status for r in reused.verify(trained, x, y, 0.1)] == fresh
+
+
+def worst_margin(trained: TrainedModel, x: torch.Tensor, y: int, eps: float) -> float:
+    """min over every reachable abstract input z of N(z)_y - max_{j≠y} N(z)_j, by enumeration."""
+    c, h, w = SHAPE
+    per_pixel = [pixel_pairs(trained.abstraction, float(v), eps) for v in x.reshape(-1)]
+    combos = np.array(list(itertools.product(*per_pixel)), dtype=np.float32)
+    z = np.concatenate([combos[:, :, 0], combos[:, :, 1]], axis=1).reshape(-1, 2 * c, h, w)
+    with torch.no_grad():
+        logits = trained.network(torch.from_numpy(z))
+    return float(margins_from_logits(logits, torch.full((len(z),), y)).min())
+
+
+@pytest.mark.parametrize("kind,bound_method", [("fc", "ibp"), ("fc", "crown"), ("deep", "crown")])
+def test_margin_bracket_holds(kind, bound_method):
+    """`attack_margin` is never below a sample's worst margin and `min_margin_lb` never above it, also when branch and
+    bound is cut off and raises the lower bound from its open domains."""
+    from abscert_bench.budget import BoundTimeout
+    from abscert_bench.sound.search import branch_and_bound
+
+    eps, checked, raised = 0.15, 0, 0
+    for seed in range(4):
+        trained = tiny_model(seed, "point", 0.2, kind=kind)
+        x = torch.full((1, *SHAPE), 0.5)  # every pixel has three cells: 3^9 reachable abstract inputs
+        with torch.no_grad():
+            y = int(trained.classifier()(x).argmax(1)[0])
+        truth = worst_margin(trained, x[0], y, eps)
+        result = create_verifier("abscert-sound", enumerate_limit=0, bound_method=bound_method).verify(
+            trained, x, torch.tensor([y]), eps)[0]
+        assert result.details["attack_margin"] >= truth - 1e-4, (seed, result.details, truth)
+        if "min_margin_lb" in result.details:
+            assert result.details["min_margin_lb"] <= truth + 1e-4, (seed, result.details, truth)
+        # a search cut off after a few calls: its lower bound holds and is never below the root's
+        options = reachable_options(trained.abstraction, x, eps)
+        bounder = HullBounder(trained, method=bound_method)
+        labels = torch.tensor([y])
+        root = bounder.bound(options, np.array([0]), np.zeros((1, 9), dtype=np.int64), options.count - 1, labels)
+        if bool((root.margins > 0).all()):
+            continue
+        def bound(*args, calls=[], real=bounder.bound, **kwargs):  # noqa: B006 (one list per bounder)
+            calls.append(1)
+            if len(calls) > 8:
+                raise BoundTimeout("stopped")
+            return real(*args, **kwargs)
+
+        bounder.bound = bound
+        outcome = branch_and_bound(bounder, trained.network, options, 0, y, root, float("inf"), batch=4,
+                                   enumerate_limit=1)
+        if outcome.status != "unknown":
+            continue
+        floor = outcome.notes["margin_lb"]
+        assert float(root.margins.min()) - 1e-6 <= floor <= truth + 1e-4, (seed, floor, truth)
+        checked += 1
+        raised += floor > float(root.margins.min()) + 1e-6
+    assert checked, "some search should end open"
+    if bound_method != "ibp":
+        assert raised, "the open domains' bound should rise above the root's somewhere"
+
+
+def test_bracket_reports_the_medians_of_both_ends():
+    from abscert_bench.sound_report import bracket
+
+    assert bracket([]) == "–" and bracket([(None, 1.0)]) == "–"
+    assert bracket([(-1.0, 2.0), ("-3", "4"), ("", 0.5)]) == "[-2.00, 2.00]"  # CSV strings, a missing lower end

@@ -147,10 +147,3 @@ def search_choices(
             active, choice = active[keep], choice[keep]
     return found, worst, worst_margin
 
-
-def discrete_attack(
-    network: nn.Module, options: PixelOptions, samples: np.ndarray, labels: torch.Tensor,
-    steps: int = 3, restarts: int = 1, seed: int = 0,
-) -> dict[int, np.ndarray]:
-    """Option choices N misclassifies, keyed by position in `samples` (only samples where one was found)."""
-    return search_choices(network, options, samples, labels, steps, restarts, seed)[0]

@@ -156,18 +156,21 @@ def branch_and_bound(
     `alpha_iterations` > 0 raises the margins of every domain a call leaves open by that many steps of α-CROWN over
     their ReLU-input bounds (`HullBounder.optimized`), counted in the call's measured time.
     """
-    effort = [0]  # domains bounded so far, also when a bound call is stopped by a limit
+    # domains bounded so far and the lowest margin bound over the open domains, also when a call is stopped
+    progress: dict = {"branches": 0, "margin_lb": None}
     outcome = within_budget(lambda: _branch_and_bound(bounder, network, options, sample, label, root, deadline,
                                                       batch, enumerate_limit, refresh_every, alpha_iterations,
-                                                      effort))
+                                                      progress))
     if isinstance(outcome, BaseException):
-        return SearchOutcome("unknown", branches=effort[0], stage=budget_stage(outcome),
-                             notes={"stopped": str(outcome)})
+        outcome = SearchOutcome("unknown", branches=progress["branches"], stage=budget_stage(outcome),
+                                notes={"stopped": str(outcome)})
+    if outcome.status == "unknown" and progress["margin_lb"] is not None:
+        outcome.notes["margin_lb"] = progress["margin_lb"]
     return outcome
 
 
 def _branch_and_bound(bounder, network, options, sample, label, root, deadline, batch, enumerate_limit,
-                      refresh_every, alpha_iterations, effort: list[int]) -> SearchOutcome:
+                      refresh_every, alpha_iterations, progress: dict) -> SearchOutcome:
     labels = torch.tensor([label])
     first0 = np.zeros(options.count.shape[1], dtype=np.int64)
     last0 = options.count[sample] - 1
@@ -187,6 +190,10 @@ def _branch_and_bound(bounder, network, options, sample, label, root, deadline, 
         if time.perf_counter() > deadline:
             return SearchOutcome("unknown", branches=branches, stage="timeout")
         queue.sort(key=lambda item: item.margin)
+        # every reachable abstract input lies in an open domain or in one shown correct: the lowest margin bound of
+        # the open domains is a lower bound on the sample's worst margin (each such bound holds, so the highest too)
+        progress["margin_lb"] = max(queue[0].margin, progress["margin_lb"] if progress["margin_lb"] is not None
+                                    else -np.inf)
         take = max(1, bounder.planner.size(batch) // 2)  # two children per picked domain
         plans = _fitting(queue[:take], rates, deadline - time.perf_counter(), refresh_every)
         if not plans:  # not even one domain's cheap bound fits the time left
@@ -209,7 +216,7 @@ def _branch_and_bound(bounder, network, options, sample, label, root, deadline, 
         if not children:
             continue
         branches += len(children)
-        effort[0] = branches
+        progress["branches"] = branches
         for is_refresh in (False, True):
             group = [c for c in children if c[3] == is_refresh]
             if not group:

@@ -23,6 +23,11 @@ Per-sample details: `choice_pixels` (pixels with >= 2 options), `branches` (BaB 
 inputs enumerated), `stage` (clean / enumeration / attack / bounds / bab / timeout), and the seconds spent in
 `attack_s`, `bounds_s` and `bab_s` (complete search: enumeration or BaB). Batched stages are charged to
 their samples in equal shares; `time_s` is the sum plus the sample's share of the clean stage.
+Where a sample's worst margin m = min over its reachable abstract inputs z of N(z)_y - max_{j≠y} N(z)_j lies:
+`attack_margin` (samples the attack ran on) is N's lowest margin on the attack's candidates, so m <= it;
+`min_margin_lb` (samples the root bound did not verify) is a sound lower bound, the root bound's lowest margin
+raised to branch and bound's lowest open margin when the search ends open — so for an `unknown` sample the two
+bracket m, and their gap says how far the bounds are from deciding it.
 """
 from __future__ import annotations
 
@@ -38,7 +43,7 @@ from ..abstraction import check_eps, check_granularity
 from ..budget import DEFAULT_MEMORY_MB, budget_stage, crown_batch_opts, within_budget
 from ..devices import OnDevice
 from ..errors import UserError
-from ..sound.attack import discrete_attack
+from ..sound.attack import search_choices
 from ..sound.bounds import CROWN_LAST, INTERMEDIATE_MODES, LIRPA_METHODS, REFRESH_MODES, HullBounder
 from ..sound.choices import PixelOptions, reachable_options
 from ..sound.recheck import recheck_counterexample
@@ -253,6 +258,9 @@ class _BatchRun:
     def conclude(self, i: int, outcome: SearchOutcome) -> None:
         """Record a search outcome; a counterexample counts only after the independent re-check."""
         self.details[i]["branches"] = outcome.branches
+        if "margin_lb" in outcome.notes:  # an open search's lower bound on the worst margin (never below the root's)
+            self.details[i]["min_margin_lb"] = max(outcome.notes["margin_lb"],
+                                                   self.details[i].get("min_margin_lb", -np.inf))
         if outcome.status != "falsified":
             self.decide(i, outcome.status, outcome.stage)
             return
@@ -314,8 +322,10 @@ class _BatchRun:
             return
         clock = time.perf_counter()
         v = self.verifier
-        found = discrete_attack(self.network, self.options, np.asarray(members), self.y[members],
-                                v.attack_steps, v.attack_restarts, v.seed)
+        found, _, margins = search_choices(self.network, self.options, np.asarray(members), self.y[members],
+                                           v.attack_steps, v.attack_restarts, v.seed)
+        for position, i in enumerate(members):  # N's lowest margin on a reachable input: the worst margin is <= it
+            self.details[i]["attack_margin"] = float(margins[position])
         for position, choice in found.items():
             i = members[position]
             x_adv = self.options.concrete(i, choice)

@@ -38,17 +38,17 @@ sys.path.insert(0, str(ROOT))
 
 from abscert_bench.data import load_dataset  # noqa: E402
 from abscert_bench.official import recipe_for  # noqa: E402
-
-try:
-    from abscert_bench.sound_report import bracket  # noqa: E402
-except ImportError:  # a "before" run over older package code (at_commit.py), which records no margins to bracket
-    def bracket(pairs) -> str:  # type: ignore[misc]
-        return "–"
 from abscert_bench.sound.recheck import recheck_file, save_counterexamples  # noqa: E402
 from abscert_bench.trained import load_checkpoint, save_checkpoint  # noqa: E402
 from abscert_bench.training import create_method  # noqa: E402
 from abscert_bench.training.loop import TrainConfig, evaluate, protocol_config, train_model, xavier_init  # noqa: E402
 from abscert_bench.verification import create_verifier, summarize  # noqa: E402
+
+try:
+    from abscert_bench.sound_report import bracket
+except ImportError:  # a "before" run over older package code (at_commit.py), which records no margins to bracket
+    def bracket(pairs) -> str:  # type: ignore[misc]
+        return "–"
 
 CONFIGS = {  # name: (pixel eps, d, method options)
     "pixel": (0.1, 0.2, {}),

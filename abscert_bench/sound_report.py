@@ -20,10 +20,9 @@ def bracket(pairs: list[tuple[Any, Any]]) -> str:
     """'[lo, hi]': the medians, over samples, of a lower bound on each one's worst margin (`min_margin_lb`) and of the
     attack's lowest margin (`attack_margin`, an upper bound on it); '–' without any. For the `unknown` samples the gap
     says whether more time (a narrow bracket) or tighter bounds (a wide one, its lower end far below 0) would decide."""
-    ends = [[float(v) for v in values if v not in (None, "")] for values in zip(*pairs)] if pairs else [[], []]
-    if not ends[0] or not ends[1]:
-        return "–"
-    return f"[{np.median(ends[0]):.2f}, {np.median(ends[1]):.2f}]"
+    lows = [float(low) for low, _ in pairs if low not in (None, "")]
+    highs = [float(high) for _, high in pairs if high not in (None, "")]
+    return f"[{np.median(lows):.2f}, {np.median(highs):.2f}]" if lows and highs else "–"
 
 
 def sound_report(results_dirs: list[Path]) -> str:

@@ -970,6 +970,18 @@ def test_reused_verifier_sees_in_place_weight_changes(seed):
     assert [r.status for r in reused.verify(trained, x, y, 0.1)] == fresh
 
 
+def _stopped_after(call, limit: int, error: Exception):
+    """`call`, raising `error` from its (limit + 1)-th use on."""
+    uses = itertools.count(1)
+
+    def wrapped(*args, **kwargs):
+        if next(uses) > limit:
+            raise error
+        return call(*args, **kwargs)
+
+    return wrapped
+
+
 def worst_margin(trained: TrainedModel, x: torch.Tensor, y: int, eps: float) -> float:
     """min over every reachable abstract input z of N(z)_y - max_{j≠y} N(z)_j, by enumeration."""
     c, h, w = SHAPE
@@ -1007,13 +1019,7 @@ def test_margin_bracket_holds(kind, bound_method):
         root = bounder.bound(options, np.array([0]), np.zeros((1, 9), dtype=np.int64), options.count - 1, labels)
         if bool((root.margins > 0).all()):
             continue
-        def bound(*args, calls=[], real=bounder.bound, **kwargs):  # noqa: B006 (one list per bounder)
-            calls.append(1)
-            if len(calls) > 8:
-                raise BoundTimeout("stopped")
-            return real(*args, **kwargs)
-
-        bounder.bound = bound
+        bounder.bound = _stopped_after(bounder.bound, 8, BoundTimeout("stopped"))
         outcome = branch_and_bound(bounder, trained.network, options, 0, y, root, float("inf"), batch=4,
                                    enumerate_limit=1)
         if outcome.status != "unknown":

@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -157,15 +158,15 @@ def branch_and_bound(
     their ReLU-input bounds (`HullBounder.optimized`), counted in the call's measured time.
     """
     # domains bounded so far and the lowest margin bound over the open domains, also when a call is stopped
-    progress: dict = {"branches": 0, "margin_lb": None}
+    progress: dict[str, Any] = {"branches": 0, "margin_lb": -np.inf}
     outcome = within_budget(lambda: _branch_and_bound(bounder, network, options, sample, label, root, deadline,
                                                       batch, enumerate_limit, refresh_every, alpha_iterations,
                                                       progress))
     if isinstance(outcome, BaseException):
         outcome = SearchOutcome("unknown", branches=progress["branches"], stage=budget_stage(outcome),
                                 notes={"stopped": str(outcome)})
-    if outcome.status == "unknown" and progress["margin_lb"] is not None:
-        outcome.notes["margin_lb"] = progress["margin_lb"]
+    if outcome.status == "unknown" and np.isfinite(progress["margin_lb"]):
+        outcome.notes["margin_lb"] = float(progress["margin_lb"])
     return outcome
 
 
@@ -191,9 +192,9 @@ def _branch_and_bound(bounder, network, options, sample, label, root, deadline, 
             return SearchOutcome("unknown", branches=branches, stage="timeout")
         queue.sort(key=lambda item: item.margin)
         # every reachable abstract input lies in an open domain or in one shown correct: the lowest margin bound of
-        # the open domains is a lower bound on the sample's worst margin (each such bound holds, so the highest too)
-        progress["margin_lb"] = max(queue[0].margin, progress["margin_lb"] if progress["margin_lb"] is not None
-                                    else -np.inf)
+        # the open domains is a lower bound on the sample's worst margin (each such bound holds, so the highest too;
+        # the first is the root's)
+        progress["margin_lb"] = max(progress["margin_lb"], queue[0].margin)
         take = max(1, bounder.planner.size(batch) // 2)  # two children per picked domain
         plans = _fitting(queue[:take], rates, deadline - time.perf_counter(), refresh_every)
         if not plans:  # not even one domain's cheap bound fits the time left

@@ -258,9 +258,8 @@ class _BatchRun:
     def conclude(self, i: int, outcome: SearchOutcome) -> None:
         """Record a search outcome; a counterexample counts only after the independent re-check."""
         self.details[i]["branches"] = outcome.branches
-        if "margin_lb" in outcome.notes:  # an open search's lower bound on the worst margin (never below the root's)
-            self.details[i]["min_margin_lb"] = max(outcome.notes["margin_lb"],
-                                                   self.details[i].get("min_margin_lb", -np.inf))
+        if "margin_lb" in outcome.notes:  # an open search's lower bound on the worst margin (starts at the root's)
+            self.details[i]["min_margin_lb"] = outcome.notes["margin_lb"]
         if outcome.status != "falsified":
             self.decide(i, outcome.status, outcome.stage)
             return
